@@ -1,0 +1,57 @@
+"""U-Net with a nerve-presence head (segment and detect jointly).
+
+Command (real data, after the Kaggle download):
+  python -m nerveseg_jax.train --config configs/unet.py \
+      --config.data.manual_dir=~/kaggle/ultrasound-nerve-segmentation.zip
+
+Variants, chosen with configs/unet.py:VARIANT
+  synthetic  the embedded demo: generates a synthetic Kaggle-layout set on first use.
+  smoke      a tiny model for tests.
+  folder     a user's own images/ + masks/ folder (set data.manual_dir).
+Expected result: filled in by the training issue with measured figures.
+"""
+
+import ml_collections
+
+from configs import common  # noqa: F401  (resolved by the config loader; see train.py)
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  c = common.base_config()
+  c.name = "unet"
+  c.model = ml_collections.ConfigDict(dict(
+      name="unet",
+      features=32,
+      depth=4,
+      block="double_conv",     # double_conv | residual
+      norm="batch",            # batch | group | none
+      dropout=0.0,
+      upsample="transpose",    # transpose | resize
+      deep_supervision=False,
+      presence_head=True,
+  ))
+  c.loss = ml_collections.ConfigDict(dict(bce=1.0, dice=1.0, presence=0.5, deep=0.0))
+  if arg:
+    for variant in arg.split(","):
+      if variant == "synthetic":
+        c.data.source = "synthetic"
+      elif variant == "smoke":
+        c.data.source = "synthetic"
+        c.data.synthetic_subjects = 4
+        c.data.synthetic_frames = 12
+        c.data.image_size = (64, 96)
+        c.model.features = 4
+        c.model.depth = 2
+        c.batch_size = 8
+        c.eval_batch_size = 8
+        c.num_train_steps = 20
+        c.warmup_steps = 2
+        c.log_every_steps = 5
+        c.eval_every_steps = 10
+        c.checkpoint_every_steps = 10
+      elif variant == "folder":
+        c.data.source = "folder"
+      else:
+        raise ValueError(f"configs/unet.py: unknown variant {variant!r}; "
+                         "known: synthetic, smoke, folder")
+  return c

@@ -1,0 +1,1 @@
+"""TFDS builders, installed as ``nerveseg_jax.datasets`` (see pyproject.toml)."""
