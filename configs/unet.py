@@ -13,7 +13,7 @@ Expected result: filled in by the training issue with measured figures.
 
 import ml_collections
 
-from configs import common  # noqa: F401  (resolved by the config loader; see train.py)
+from nerveseg_jax.configs import common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
