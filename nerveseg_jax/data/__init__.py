@@ -1,0 +1,1 @@
+"""Data: synthetic set, TFDS source, folds, duplicates, preprocessing, augmentation, pipeline."""

@@ -1,0 +1,1 @@
+"""Flax NNX models. Models know nothing of data, training or files."""
