@@ -35,6 +35,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     for variant in arg.split(","):
       if variant == "synthetic":
         c.data.source = "synthetic"
+        # Sized to finish in a few minutes on a 2-core CPU (see the docstring).
+        c.data.image_size = (64, 96)
+        c.model.features = 8
+        c.model.depth = 3
+        c.batch_size = 16
+        c.eval_batch_size = 32
+        c.num_train_steps = 400
+        c.warmup_steps = 20
+        c.learning_rate = 3e-3
+        c.log_every_steps = 20
+        c.eval_every_steps = 100
+        c.checkpoint_every_steps = 100
       elif variant == "smoke":
         c.data.source = "synthetic"
         c.data.synthetic_subjects = 4

@@ -1,0 +1,284 @@
+"""Orbax checkpoints in WORKDIR/checkpoints: save policy, resume, best-by-score, loading.
+
+Each step directory holds two items: ``state`` (StandardSave of the train state:
+params, non-parameter model state such as BatchNorm statistics, optimizer state,
+step) and ``meta`` (JsonSave: step, seed, data-iterator position, model config,
+metrics). The per-step RNG is fold_in(seed, step), so (seed, step) restores it.
+Orbax writes into a temporary directory and renames it on success, so a run killed
+mid-save leaves no step directory that a resume would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from orbax.checkpoint import checkpoint_managers as ocm
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointMismatchError(ValueError):
+  """A config or model does not fit the checkpoint it is asked to use."""
+
+
+def _metric_or_neg_inf(metrics: Mapping[str, Any], key: str) -> float:
+  value = metrics.get(key) if metrics else None
+  if value is None or not math.isfinite(float(value)):
+    return -math.inf
+  return float(value)
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
+def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+  path = pathlib.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist: is {workdir} a training workdir?")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def _diff(a: Any, b: Any, prefix: str) -> list[str]:
+  """Keys whose values differ between two nested dicts (lists and tuples equal)."""
+  if isinstance(a, Mapping) and isinstance(b, Mapping):
+    out = []
+    for k in sorted(set(a) | set(b)):
+      out += _diff(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{prefix}.{k}")
+    return out
+  norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+  return [] if norm(a) == norm(b) else [f"{prefix}: checkpoint {a!r} vs config {b!r}"]
+
+
+def check_model_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Raises CheckpointMismatchError when WORKDIR's saved model config differs from config."""
+  path = workdir / CONFIG_FILE
+  if not path.exists():
+    return
+  saved = json.loads(path.read_text())
+  diffs = _diff(saved.get("model", {}), config_to_dict(config).get("model", {}), "model")
+  if diffs:
+    raise CheckpointMismatchError(
+        f"{workdir} holds checkpoints of a different model ({path}):\n  "
+        + "\n  ".join(diffs) + "\nUse another --workdir, or the saved model config.")
+
+
+def check_shapes(saved: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
+  """Compares shape trees (leaves: objects with .shape); names every key that differs."""
+  flat_saved = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+                jax.tree_util.tree_flatten_with_path(saved)[0]}
+  flat_exp = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+              jax.tree_util.tree_flatten_with_path(expected)[0]}
+  problems = []
+  for k in sorted(set(flat_saved) | set(flat_exp)):
+    a, b = flat_saved.get(k), flat_exp.get(k)
+    if a != b:
+      problems.append(f"{k}: checkpoint {a if a is not None else 'missing'} vs model "
+                      f"{b if b is not None else 'missing'}")
+  if problems:
+    shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+    raise CheckpointMismatchError(f"the model does not match the checkpoint {where}:\n  "
+                                  + "\n  ".join(shown))
+
+
+class TrainCheckpointer:
+  """The CheckpointManager of one training run: latest N plus the best by val score."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, keep: int, best_metric: str):
+    self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+    self.best_metric = best_metric
+    best = lambda m: _metric_or_neg_inf(m, best_metric)
+    policy = ocm.AnyPreservationPolicy([
+        ocm.LatestN(n=max(1, keep)),
+        ocm.BestN(get_metric_fn=best, reverse=False, n=1,
+                  keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, best_fn=best, best_mode="max",
+        # Cleans temporary directories of a save that was killed half-way.
+        cleanup_tmp_directories=True, create=True)
+    # Handlers named up front so metadata can be read before the first restore.
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, meta: Mapping[str, Any],
+           metrics: Mapping[str, float] | None = None) -> None:
+    metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))),
+        metrics=metrics, force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores into the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
+    saved = self.manager.item_metadata(step)["state"]
+    saved = getattr(saved, "tree", saved)
+    # Model arrays only: the optimizer state follows them, and its namedtuples come
+    # back from metadata as lists, whose key paths would not compare.
+    model_keys = ("params", "rest")
+    check_shapes({k: saved.get(k, {}) for k in model_keys},
+                 {k: abstract_state[k] for k in model_keys}, f"{self.directory / str(step)}")
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return out["state"], dict(out["meta"])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def tree_metadata(path: pathlib.Path) -> dict[str, Any]:
+  """The array metadata tree (shapes, dtypes) of a PyTree checkpoint directory."""
+  meta = ocp.PyTreeCheckpointer().metadata(path)
+  meta = getattr(meta, "item_metadata", meta)  # StepMetadata in newer Orbax
+  return getattr(meta, "tree", meta)
+
+
+def _numpy_restore(path: pathlib.Path, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+  """Restores (a subset of the top-level keys of) a PyTree checkpoint as numpy on every host."""
+  ckptr = ocp.PyTreeCheckpointer()
+  tree = tree_metadata(path)
+  if keys is not None:
+    missing = [k for k in keys if k not in tree]
+    if missing:
+      raise CheckpointMismatchError(f"checkpoint {path} has no item(s) {missing}")
+    tree = {k: tree[k] for k in keys}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ckptr.restore(path, args=ocp.args.PyTreeRestore(
+      item=tree, restore_args=restore_args, partial_restore=keys is not None))
+
+
+def load_init_from(path: str | pathlib.Path, expected: Mapping[str, Any]) -> dict[str, Any]:
+  """Weights for `expected` (pure dict of the model state) from a converted checkpoint.
+
+  Partial restore by key: keys in both take the checkpoint's value; model keys the
+  checkpoint lacks (a new head) keep their initial value; checkpoint keys the model
+  lacks (an ImageNet top) are ignored. A kernel with 3 input channels feeding a
+  1-channel model is summed over RGB, which keeps the response to gray input.
+  Returns a pure dict of numpy arrays for the keys that were found.
+  """
+  path = pathlib.Path(path).expanduser().absolute()
+  if not path.exists():
+    raise FileNotFoundError(f"init_from: checkpoint {path} does not exist")
+  raw = _numpy_restore(path)
+  src = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(raw)[0]}
+  found, problems = 0, []
+  flat_exp, treedef = jax.tree_util.tree_flatten_with_path(expected)
+  leaves = []
+  for keypath, want in flat_exp:
+    key = jax.tree_util.keystr(keypath)
+    if key not in src:
+      leaves.append(None)
+      continue
+    value = np.asarray(src[key])
+    shape = tuple(want.shape)
+    if value.shape != shape and value.ndim == 4 and value.shape[2] == 3 and shape[2] == 1 \
+        and value.shape[:2] + value.shape[3:] == shape[:2] + shape[3:]:
+      value = value.sum(axis=2, keepdims=True)
+    if value.shape != shape:
+      problems.append(f"{key}: checkpoint {value.shape} vs model {shape}")
+    leaves.append(value.astype(want.dtype))
+    found += 1
+  if problems:
+    raise CheckpointMismatchError(
+        f"init_from={path}: keys that do not fit the model:\n  " + "\n  ".join(problems))
+  if not found:
+    raise CheckpointMismatchError(
+        f"init_from={path}: no key of the checkpoint matches the model (checkpoint keys "
+        f"start {sorted(src)[:3]}, model keys {[jax.tree_util.keystr(k) for k, _ in flat_exp[:3]]})")
+  logging.info("init_from %s: %d of %d arrays restored", path, found, len(flat_exp))
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(expected), leaves)
+
+
+def _select_step(directory: pathlib.Path, which: str) -> int:
+  if which not in ("best", "latest"):
+    raise ValueError(f"which={which!r}: use 'best' or 'latest'")
+  mngr = ocp.CheckpointManager(
+      directory, item_names=("state", "meta"),
+      options=ocp.CheckpointManagerOptions(
+          read_only=True, best_fn=lambda m: _metric_or_neg_inf(m, "__best__"),
+          best_mode="max"))
+  steps = mngr.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {directory}: train first")
+  step = None
+  if which == "best":
+    # The metric that ranks checkpoints is recorded in each step's meta.
+    scored = []
+    for s in steps:
+      meta = json.loads((directory / str(s) / "meta" / "metadata").read_text()) \
+          if (directory / str(s) / "meta" / "metadata").exists() else {}
+      key = meta.get("best_metric")
+      value = (meta.get("metrics") or {}).get(key) if key else None
+      if value is not None and math.isfinite(float(value)):
+        scored.append((float(value), s))
+    if scored:
+      step = max(scored)[1]
+  if step is None:
+    step = max(steps)
+  mngr.close()
+  return step
+
+
+def load_model(workdir: str | pathlib.Path, *, which: str = "best"
+               ) -> tuple[ml_collections.ConfigDict, nnx.Module]:
+  """Rebuilds the model of WORKDIR/config.json and restores its weights (eval mode).
+
+  which='best' takes the checkpoint with the best validation score (the latest when
+  no checkpoint was scored); 'latest' the last one saved.
+  """
+  from nerveseg_jax import models  # pylint: disable=g-import-not-at-top
+
+  workdir = pathlib.Path(workdir).expanduser().absolute()
+  config = read_config(workdir)
+  directory = workdir / CHECKPOINT_DIR
+  step = _select_step(directory, which)
+  abstract = nnx.eval_shape(lambda: models.build_model(
+      config.model, dtype=compute_dtype(config), rngs=nnx.Rngs(0)))
+  graphdef, rng_state, params, rest = nnx.split(abstract, nnx.RngState, nnx.Param, ...)
+  expected = {"params": params.to_pure_dict(), "rest": rest.to_pure_dict()}
+  path = directory / str(step) / "state"
+  saved = tree_metadata(path)
+  check_shapes({k: saved.get(k, {}) for k in expected}, expected, str(path))
+  restored = _numpy_restore(path, keys=tuple(expected))
+  rngs = jax.tree.map(_concrete_rng_leaf, rng_state)
+  params.replace_by_pure_dict(jax.tree.map(jax.numpy.asarray, restored["params"]))
+  rest.replace_by_pure_dict(jax.tree.map(jax.numpy.asarray, restored["rest"]))
+  model = nnx.merge(graphdef, rngs, params, rest)
+  model.eval()
+  logging.info("loaded %s step %d (%s)", workdir, step, which)
+  return config, model
+
+
+def _concrete_rng_leaf(s: Any) -> Any:
+  """A concrete value for an abstract RNG variable (keys are reseeded where it matters)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  if jnp.issubdtype(s.dtype, jax.dtypes.prng_key):
+    return jax.random.key(0) if not s.shape else jax.random.split(jax.random.key(0), s.shape)
+  return jnp.zeros(s.shape, s.dtype)
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  name = str(config.get("dtype", "float32"))
+  if name not in ("float32", "bfloat16"):
+    raise ValueError(f"config key dtype={name!r}: use float32 or bfloat16")
+  return jnp.dtype(name)

@@ -1,0 +1,152 @@
+"""Prepares the `ultrasound_nerve` TFDS dataset for config.data.source.
+
+  kaggle     data.manual_dir = the Kaggle zip, or a folder holding it or its extracted
+             tree; built into data.data_dir ('' = TFDS default).
+  folder     data.manual_dir = a folder with images/ and masks/; built into
+             <data_dir>/folder/<hash of the folder's absolute path>.
+  synthetic  generates the Kaggle-layout tree first (data.synthetic_*), into
+             data.manual_dir or <data_dir>/synthetic_raw/<key>, then builds it with the
+             kaggle config into <data_dir>/synthetic/<key>.
+
+Concurrency: generation and download_and_prepare run under an exclusive fcntl lock
+(<data_dir>/.locks/<name>.lock), so processes started together on one machine (a local
+multi-process run) build once and the others wait, then read. The lock is advisory
+and local: hosts that share a network file system should prepare once up front.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Iterator
+
+import ml_collections
+
+KAGGLE_COMMAND = "kaggle competitions download -c ultrasound-nerve-segmentation"
+KAGGLE_ZIP = "ultrasound-nerve-segmentation.zip"
+
+
+class DataNotFoundError(FileNotFoundError):
+  """The data a config points at is missing; the message says what to run or set."""
+
+
+def _missing_kaggle(detail: str) -> DataNotFoundError:
+  return DataNotFoundError(
+      f"The Kaggle download was not found ({detail}). Download it with\n"
+      f"  {KAGGLE_COMMAND}\n"
+      f"and set data.manual_dir to {KAGGLE_ZIP} or to the folder holding it or its "
+      "extracted train/, test/, train_masks.csv, e.g. "
+      f"--config.data.manual_dir=~/{KAGGLE_ZIP}")
+
+
+def _expand(path: str) -> pathlib.Path:
+  return pathlib.Path(os.path.expandvars(os.path.expanduser(path))).absolute()
+
+
+def _data_dir(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
+  if data_cfg.data_dir:
+    return _expand(data_cfg.data_dir)
+  from tensorflow_datasets.core import constants  # pylint: disable=g-import-not-at-top
+  return _expand(constants.get_default_data_dir())
+
+
+def _path_key(path: pathlib.Path) -> str:
+  return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _locked(data_dir: pathlib.Path, name: str) -> Iterator[None]:
+  lock_dir = data_dir / ".locks"
+  lock_dir.mkdir(parents=True, exist_ok=True)
+  with open(lock_dir / f"{name}.lock", "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _kaggle_manual_dir(data_cfg, data_dir: pathlib.Path) -> pathlib.Path:
+  if not data_cfg.manual_dir:
+    raise _missing_kaggle("data.manual_dir is empty")
+  manual = _expand(data_cfg.manual_dir)
+  if not manual.exists():
+    raise _missing_kaggle(f"data.manual_dir={data_cfg.manual_dir!r} does not exist")
+  if manual.is_file():
+    if manual.suffix.lower() != ".zip":
+      raise DataNotFoundError(f"data.manual_dir={data_cfg.manual_dir!r} is a file but not "
+                              "a .zip; give the Kaggle zip or a folder")
+    # TFDS wants a folder; give it one holding just this zip under the Kaggle name.
+    stage = data_dir / "manual" / _path_key(manual)
+    stage.mkdir(parents=True, exist_ok=True)
+    link = stage / KAGGLE_ZIP
+    if not link.is_symlink() or pathlib.Path(os.readlink(link)) != manual.resolve():
+      tmp = stage / f".{KAGGLE_ZIP}.{os.getpid()}"
+      tmp.unlink(missing_ok=True)
+      tmp.symlink_to(manual.resolve())
+      os.replace(tmp, link)
+    return stage
+  if not any(manual.iterdir()):
+    raise _missing_kaggle(f"data.manual_dir={data_cfg.manual_dir!r} is empty")
+  return manual
+
+
+def _synthetic_tree(data_cfg, data_dir: pathlib.Path, key: str) -> pathlib.Path:
+  """The generated Kaggle-layout tree, written atomically on first use."""
+  from nerveseg_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  raw = (_expand(data_cfg.manual_dir) if data_cfg.manual_dir
+         else data_dir / "synthetic_raw" / key)
+  if raw.exists() and any(raw.iterdir()):
+    return raw
+  raw.parent.mkdir(parents=True, exist_ok=True)
+  # Written next to its final place and renamed in one step, so an interrupted run
+  # leaves a stray temp folder, never a half tree that looks finished.
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{raw.name}.", dir=raw.parent))
+  try:
+    synthetic.write_tree(tmp, subjects=data_cfg.synthetic_subjects,
+                         frames=data_cfg.synthetic_frames, seed=data_cfg.synthetic_seed)
+    if raw.exists():
+      raw.rmdir()  # empty (checked above); rename needs it gone or empty
+    os.rename(tmp, raw)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return raw
+
+
+def build(data_cfg: ml_collections.ConfigDict):
+  """Returns the prepared `ultrasound_nerve` builder for data_cfg.source."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax.datasets.ultrasound_nerve import ultrasound_nerve_dataset_builder as und  # pylint: disable=g-import-not-at-top
+
+  data_dir = _data_dir(data_cfg)
+  source = data_cfg.source
+  with _locked(data_dir, f"ultrasound_nerve_{source}"):
+    if source == "kaggle":
+      config, build_dir = "kaggle", data_dir
+      manual = _kaggle_manual_dir(data_cfg, data_dir)
+    elif source == "folder":
+      if not data_cfg.manual_dir:
+        raise DataNotFoundError("data.source='folder' needs data.manual_dir: a folder "
+                                "holding images/ and masks/")
+      manual = _expand(data_cfg.manual_dir)
+      if not manual.is_dir():
+        raise DataNotFoundError(f"data.manual_dir={data_cfg.manual_dir!r} is not a folder "
+                                "(expected one holding images/ and masks/)")
+      config, build_dir = "folder", data_dir / "folder" / _path_key(manual)
+    elif source == "synthetic":
+      key = (f"s{data_cfg.synthetic_subjects}_f{data_cfg.synthetic_frames}"
+             f"_seed{data_cfg.synthetic_seed}")
+      manual = _synthetic_tree(data_cfg, data_dir, key)
+      config, build_dir = "kaggle", data_dir / "synthetic" / key
+    else:
+      raise ValueError(f"data.source={source!r}: expected kaggle, folder or synthetic")
+    builder = und.Builder(config=config, data_dir=str(build_dir))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+  return builder

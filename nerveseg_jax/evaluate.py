@@ -1,0 +1,325 @@
+"""Evaluate a trained run at source resolution, as Kaggle scores it, and calibrate it.
+
+  python -m nerveseg_jax.evaluate --workdir DIR [--config CONFIG] \
+      [--split val|train|all|test] [--folder PATH] [--tta] [--no_calibrate]
+
+Default: the validation fold of the run's own config (WORKDIR/config.json; --config
+overrides it). Predictions are resized back to each frame's source size and scored
+against the original masks. On the validation split the post-processing is first
+calibrated (postprocess.search) and saved to WORKDIR/calibration.json; other splits
+use the saved calibration. Writes WORKDIR/eval/metrics.json (or
+WORKDIR/eval/<split>/metrics.json for other splits) and report.html next to it, and
+prints a table with the metrics before and after calibration.
+
+--folder PATH scores a labelled folder instead: PATH/images/NAME.ext with
+PATH/masks/NAME_mask.ext, or Kaggle's flat NAME.tif with NAME_mask.tif.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import pathlib
+import sys
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from nerveseg_jax import imageio, inference, postprocess, report, rle
+from nerveseg_jax.postprocess import Calibration
+
+SPLITS = ("val", "train", "all", "test")
+# Labelled frames read per device round trip (a few batches): bounds host memory.
+_CHUNK = 64
+
+
+@dataclasses.dataclass
+class Labelled:
+  name: str
+  image: np.ndarray   # uint8 (H, W)
+  truth: np.ndarray   # uint8 (H, W) 0/1
+
+
+# ---------------------------------------------------------------------------- sources
+
+def _dataset_frames(data_cfg, split: str) -> Iterator[Labelled]:
+  """Source-resolution frames and masks of a pipeline split, from the TFDS builder.
+
+  Split membership comes from pipeline.load_arrays (so folds and filtering are exactly
+  the training pipeline's); pixels come from the builder, which stores source size.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax.data import pipeline, tfds_source  # pylint: disable=g-import-not-at-top
+  if split == "test":
+    yield from _test_frames(data_cfg)
+    return
+  ids = {_text(i) for i in pipeline.load_arrays(data_cfg, split).id}
+  builder = tfds_source.build(data_cfg)
+  for ex in tfds.as_numpy(builder.as_dataset(split="train")):
+    name = _text(ex["id"])
+    if name in ids:
+      yield Labelled(name, ex["image"][..., 0], (ex["mask"][..., 0] != 0).astype(np.uint8))
+
+
+def _test_frames(data_cfg) -> Iterator[Labelled]:
+  """Kaggle test frames scored against test_truth.csv (only the synthetic set has one)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+  builder = tfds_source.build(data_cfg)  # first: it generates a synthetic tree
+  truth_csv = _find_test_truth(data_cfg)
+  truths: dict[str, str] = {}
+  with open(truth_csv, newline="") as f:
+    for row in csv.DictReader(f):
+      truths[row["img"]] = row["pixels"]
+  for ex in tfds.as_numpy(builder.as_dataset(split="test")):
+    name = _text(ex["id"])
+    if name not in truths:
+      raise ValueError(f"{truth_csv}: no row for test frame {name!r}")
+    h, w = ex["image"].shape[:2]
+    yield Labelled(name, ex["image"][..., 0], rle.decode(truths[name], h, w))
+
+
+def _find_test_truth(data_cfg) -> pathlib.Path:
+  """test_truth.csv of the raw tree the builder was made from (synthetic sets have one)."""
+  from nerveseg_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+  if data_cfg.manual_dir:
+    raw = pathlib.Path(data_cfg.manual_dir).expanduser()
+  elif data_cfg.source == "synthetic":
+    # Where tfds_source.build generates the tree when data.manual_dir is empty.
+    key = (f"s{data_cfg.synthetic_subjects}_f{data_cfg.synthetic_frames}"
+           f"_seed{data_cfg.synthetic_seed}")
+    raw = tfds_source._data_dir(data_cfg) / "synthetic_raw" / key  # pylint: disable=protected-access
+  else:
+    raw = None
+  if raw is None or not (raw / "test_truth.csv").exists():
+    raise ValueError("--split test: the Kaggle test split is unlabelled; only a tree with "
+                     "test_truth.csv (the synthetic set) can be scored; none in "
+                     f"{raw if raw is not None else 'data.manual_dir (empty)'}")
+  return raw / "test_truth.csv"
+
+
+def _folder_frames(folder: str | pathlib.Path) -> Iterator[Labelled]:
+  """Frames and masks of a labelled folder (images/ + masks/, or flat Kaggle layout)."""
+  folder = pathlib.Path(folder).expanduser()
+  if (folder / "images").is_dir():
+    image_dir, mask_dir = folder / "images", folder / "masks"
+  else:
+    image_dir = mask_dir = folder
+  if not image_dir.is_dir():
+    raise FileNotFoundError(f"--folder {folder}: not a folder")
+  paths, _ = imageio.list_inputs(image_dir)
+  if not paths:
+    raise ValueError(f"--folder {folder}: no tif/png/jpg frames found")
+  masks = {}
+  if mask_dir.is_dir():
+    masks = {p.stem[:-len("_mask")]: p for p in mask_dir.iterdir()
+             if imageio.is_image_file(p) and imageio.is_mask_name(p)}
+  missing = [p.name for p in paths if p.stem not in masks]
+  if missing:
+    raise ValueError(f"--folder {folder}: {len(missing)} frames have no NAME_mask file in "
+                     f"{mask_dir}, e.g. {missing[:3]}")
+  for p in paths:
+    image, truth = imageio.read_gray(p), imageio.read_mask(masks[p.stem])
+    if image.shape != truth.shape:
+      raise ValueError(f"{masks[p.stem]}: mask is {truth.shape}, frame {p} is {image.shape}")
+    yield Labelled(p.stem, image, truth)
+
+
+def _text(x: Any) -> str:
+  return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _chunks(frames: Iterable[Labelled], size: int) -> Iterator[list[Labelled]]:
+  chunk: list[Labelled] = []
+  for f in frames:
+    chunk.append(f)
+    if len(chunk) == size:
+      yield chunk
+      chunk = []
+  if chunk:
+    yield chunk
+
+
+# ---------------------------------------------------------------------------- scoring
+
+def summarize(dice: np.ndarray, found: np.ndarray, has_nerve: np.ndarray) -> dict[str, Any]:
+  """Kaggle score, Dice on nerve frames, presence precision / recall and confusion."""
+  dice, found, has_nerve = (np.asarray(dice, np.float64), np.asarray(found, bool),
+                            np.asarray(has_nerve, bool))
+  tp = int(np.sum(found & has_nerve))
+  fp = int(np.sum(found & ~has_nerve))
+  fn = int(np.sum(~found & has_nerve))
+  tn = int(np.sum(~found & ~has_nerve))
+  return dict(
+      kaggle_score=float(dice.mean()) if dice.size else float("nan"),
+      dice_nerve_frames=float(dice[has_nerve].mean()) if has_nerve.any() else float("nan"),
+      presence_precision=tp / (tp + fp) if tp + fp else float("nan"),
+      presence_recall=tp / (tp + fn) if tp + fn else float("nan"),
+      confusion=dict(true_positive=tp, false_positive=fp, false_negative=fn,
+                     true_negative=tn),
+      num_frames=int(dice.size), num_nerve_frames=int(has_nerve.sum()))
+
+
+def calibrate(predictor: inference.Predictor, frames: Iterable[Labelled]
+              ) -> tuple[postprocess.SearchResult, dict[str, Any]]:
+  """Grid-searches the post-processing on labelled frames (one pass of inference).
+
+  Returns the search result and the full metrics of the uncalibrated defaults.
+  """
+  stats = postprocess.FrameStats()
+  for chunk in _chunks(frames, _CHUNK):
+    for i, prob, presence in predictor.probabilities([f.image for f in chunk]):
+      stats.add(prob, presence, chunk[i].truth)
+  result = postprocess.search(stats)
+  a = stats.arrays()
+  default = Calibration()
+  before = summarize(stats.per_frame_dice(default), stats.decisions(default),
+                     a["truth_area"] > 0)
+  return result, before
+
+
+def score(predictor: inference.Predictor, frames: Iterable[Labelled],
+          builder: report.ReportBuilder | None = None) -> tuple[dict[str, Any], list[dict]]:
+  """Scores the predictor's calibrated output with the project's Dice; per-frame rows."""
+  from nerveseg_jax import metrics  # pylint: disable=g-import-not-at-top
+  rows = []
+  for chunk in _chunks(frames, _CHUNK):
+    for result, frame in zip(predictor.predict([f.image for f in chunk],
+                                               [f.name for f in chunk]), chunk):
+      dice = float(np.asarray(metrics.dice_per_example(
+          result.mask[None] != 0, frame.truth[None] != 0))[0])
+      rows.append(dict(name=frame.name, dice=dice, presence=result.presence,
+                       found=result.decision, has_nerve=bool(frame.truth.any()),
+                       area=result.area, truth_area=int(frame.truth.sum())))
+      if builder is not None:
+        builder.add(frame.name, frame.image, result.mask, result.presence, result.decision,
+                    truth=frame.truth, dice=dice)
+  if not rows:
+    raise ValueError("no frames to evaluate")
+  m = summarize([r["dice"] for r in rows], [r["found"] for r in rows],
+                [r["has_nerve"] for r in rows])
+  return m, rows
+
+
+# ---------------------------------------------------------------------------- the face
+
+def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
+        folder: str | None = None, tta: bool = False, batch_size: int | None = None,
+        which: str = "best", calibrate_split: bool = True) -> dict[str, Any]:
+  """Evaluates (and on the validation split calibrates) a run; writes metrics.json."""
+  workdir = pathlib.Path(workdir).expanduser()
+  if config is None:
+    from nerveseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    config = checkpoint.read_config(workdir)
+  if split not in SPLITS:
+    raise ValueError(f"--split must be one of {SPLITS}, got {split!r}")
+  batch_size = batch_size or int(config.get("eval_batch_size", 8))
+  predictor = inference.Predictor([workdir], tta=tta, batch_size=batch_size, which=which,
+                                  calibration=Calibration())
+  saved = postprocess.load_calibration(workdir)
+  if folder:
+    source, frames = f"folder {folder}", lambda: _folder_frames(folder)
+  else:
+    source, frames = f"split {split}", lambda: _dataset_frames(config.data, split)
+  out_dir = workdir / "eval" if (split == "val" and not folder) else (
+      workdir / "eval" / ("folder_" + pathlib.Path(folder).name if folder else split))
+  out: dict[str, Any] = dict(workdir=str(workdir), source=source, checkpoint=which, tta=tta)
+
+  if split == "val" and not folder and calibrate_split:
+    inference.log(f"calibrating on {source} ...")
+    result, before = calibrate(predictor, frames())
+    predictor.calibration = result.calibration
+    postprocess.save_calibration(workdir, result.calibration, dict(
+        before=result.default_score, after=result.score, frames=result.num_frames,
+        grid_size=result.grid_size, tta=tta, checkpoint=which))
+    out["calibration_search"] = dict(grid_size=result.grid_size, frames=result.num_frames,
+                                     saved=str(workdir / postprocess.CALIBRATION_FILE))
+    out["before_calibration"] = before
+  else:
+    predictor.calibration = saved or Calibration()
+    out["calibration_source"] = (str(workdir / postprocess.CALIBRATION_FILE) if saved
+                                 else "defaults (run not calibrated)")
+  out["calibration"] = predictor.calibration.to_dict()
+  builder = report.ReportBuilder(f"Evaluation of {workdir.name} on {source}")
+  inference.log(f"scoring {source} ...")
+  metrics, rows = score(predictor, frames(), builder)
+  out["metrics"] = metrics
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / "metrics.json").write_text(json.dumps(out, indent=2) + "\n")
+  with open(out_dir / "per_frame.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  flat = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+  flat.update(metrics["confusion"])
+  builder.write(out_dir / "report.html", flat | {"calibration": out["calibration"]})
+  out["output_dir"] = str(out_dir)
+  return out
+
+
+def format_table(out: dict[str, Any]) -> str:
+  """A readable table: one column per calibration state."""
+  columns = []
+  if "before_calibration" in out:
+    columns.append(("default", out["before_calibration"]))
+  columns.append(("calibrated" if "before_calibration" in out else "score", out["metrics"]))
+  keys = ("kaggle_score", "dice_nerve_frames", "presence_precision", "presence_recall")
+  lines = [f"{out['source']}  ({out['metrics']['num_frames']} frames, "
+           f"{out['metrics']['num_nerve_frames']} with a nerve)",
+           f"{'':<22}" + "".join(f"{name:>12}" for name, _ in columns)]
+  for k in keys:
+    lines.append(f"{k:<22}" + "".join(f"{m[k]:>12.4f}" for _, m in columns))
+  for k in ("true_positive", "false_positive", "false_negative", "true_negative"):
+    lines.append(f"{k:<22}" + "".join(f"{m['confusion'][k]:>12d}" for _, m in columns))
+  lines.append(f"calibration: {out['calibration']}")
+  lines.append(f"wrote {out['output_dir']}/metrics.json and report.html")
+  return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m nerveseg_jax.evaluate",
+                              description=__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--config", default=None,
+                 help="config file[:variant], overriding WORKDIR/config.json")
+  p.add_argument("--split", choices=SPLITS, default="val")
+  p.add_argument("--folder", default=None, help="a labelled folder instead of a split")
+  p.add_argument("--tta", action="store_true")
+  p.add_argument("--batch_size", type=int, default=None)
+  p.add_argument("--which", choices=("best", "latest"), default="best")
+  p.add_argument("--no_calibrate", action="store_true",
+                 help="on the validation split, score the saved calibration instead")
+  return p.parse_args(argv)
+
+
+def _config_from_file(spec: str):
+  """Loads `path/to/config.py[:arg]` by calling its get_config(arg)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(":")
+  file = pathlib.Path(path).expanduser()
+  if not file.exists():
+    raise FileNotFoundError(f"--config {path}: no such file")
+  module_spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  try:
+    config = _config_from_file(args.config) if args.config else None
+    out = run(args.workdir, config=config, split=args.split, folder=args.folder,
+              tta=args.tta, batch_size=args.batch_size, which=args.which,
+              calibrate_split=not args.no_calibrate)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(format_table(out))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,132 @@
+"""Segment a folder (or one file) of ultrasound frames with trained runs.
+
+  python -m nerveseg_jax.predict --workdir DIR [--workdir DIR2 ...] \
+      [--classifier_workdir DIR3] --images PATH --output OUT [--tta] [--batch_size N]
+
+Writes OUT/submission.csv (Kaggle `img,pixels`), OUT/masks/NAME.png (0/255),
+OUT/overlays/NAME.png (mask outline on the frame), OUT/report.html and
+OUT/summary.json, and prints the summary. Unreadable files are reported by name and
+skipped; the exit status is then 1. Frames without a nerve get "No nerve found".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import pathlib
+import sys
+from typing import Any, Sequence
+
+from nerveseg_jax import imageio, inference, report
+
+# Files read and sent to the device per step: bounds host memory on huge folders.
+_CHUNK_BATCHES = 4
+
+
+def _unique_names(paths: Sequence[pathlib.Path]) -> list[str]:
+  """File stems, made unique when two files differ only by extension (a.tif, a.png)."""
+  stems = [p.stem for p in paths]
+  seen: dict[str, int] = {}
+  for s in stems:
+    seen[s] = seen.get(s, 0) + 1
+  return [f"{p.stem}_{p.suffix.lstrip('.').lower()}" if seen[p.stem] > 1 else p.stem
+          for p in paths]
+
+
+def predict_path(predictor: inference.Predictor, images: str | pathlib.Path,
+                 output: str | pathlib.Path) -> dict[str, Any]:
+  """Runs `predictor` on every frame under `images` and writes OUT; returns the summary."""
+  paths, ignored = imageio.list_inputs(images)
+  output = pathlib.Path(output).expanduser()
+  (output / "masks").mkdir(parents=True, exist_ok=True)
+  (output / "overlays").mkdir(parents=True, exist_ok=True)
+  names = _unique_names(paths)
+  rows: list[tuple[str, str]] = []
+  failed: list[dict[str, str]] = []
+  found = 0
+  builder = report.ReportBuilder(f"Predictions for {images}")
+  chunk = predictor.batch_size * _CHUNK_BATCHES
+  for start in range(0, len(paths), chunk):
+    frames, frame_names = [], []
+    for path, name in zip(paths[start:start + chunk], names[start:start + chunk]):
+      try:
+        frames.append(imageio.read_gray(path))
+        frame_names.append(name)
+      except imageio.ImageReadError as e:
+        failed.append(dict(file=str(path), error=str(e)))
+        inference.log(f"skipped {e}")
+    for frame, result in zip(frames, predictor.predict(frames, frame_names)):
+      imageio.write_png(output / "masks" / f"{result.name}.png", imageio.mask_png(result.mask))
+      imageio.write_png(output / "overlays" / f"{result.name}.png",
+                        imageio.overlay(frame, result.mask))
+      builder.add(result.name, frame, result.mask, result.presence, result.decision)
+      rows.append((result.name, result.rle()))
+      found += result.decision
+    inference.log(f"{min(start + chunk, len(paths))}/{len(paths)} files")
+  rows.sort(key=lambda r: imageio.natural_key(r[0]))
+  with open(output / "submission.csv", "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["img", "pixels"])
+    writer.writerows(rows)
+  summary = dict(
+      input=str(images), output=str(output),
+      files=len(paths) + len(ignored), images=len(paths), processed=len(rows),
+      nerve_found=found, no_nerve_found=len(rows) - found, failed=len(failed),
+      ignored=len(ignored), failures=failed, ignored_files=[str(p) for p in ignored],
+      pipeline=predictor.describe())
+  builder.write(output / "report.html", {k: v for k, v in summary.items()
+                                         if not isinstance(v, list)})
+  (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+  lines = [f"{'files':<16}{summary['files']}",
+           f"{'processed':<16}{summary['processed']}",
+           f"{'nerve found':<16}{summary['nerve_found']}",
+           f"{inference.NO_NERVE:<16}{summary['no_nerve_found']}",
+           f"{'failed':<16}{summary['failed']}",
+           f"{'ignored':<16}{summary['ignored']}  (non-image or *_mask files)"]
+  for f in summary["failures"]:
+    lines.append(f"  FAILED {f['error']}")
+  lines.append(f"wrote {summary['output']}/submission.csv, masks/, overlays/, report.html")
+  return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m nerveseg_jax.predict",
+                              description=__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", action="append", required=True,
+                 help="segmentation run; repeat to ensemble")
+  p.add_argument("--classifier_workdir", default=None,
+                 help="classifier run that decides nerve presence")
+  p.add_argument("--images", required=True, help="a folder of frames or one frame")
+  p.add_argument("--output", required=True, help="output folder")
+  p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
+  p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--which", choices=("best", "latest"), default="best",
+                 help="checkpoint of each run")
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  try:
+    paths, _ = imageio.list_inputs(args.images)
+    if not paths:
+      print(f"error: --images {args.images}: no tif/png/jpg frames found", file=sys.stderr)
+      return 2
+    predictor = inference.Predictor(args.workdir, args.classifier_workdir, tta=args.tta,
+                                    batch_size=args.batch_size, which=args.which)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  inference.log(predictor.describe())
+  summary = predict_path(predictor, args.images, args.output)
+  print(format_summary(summary))
+  return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,179 @@
+"""Checkpoints: best/latest, half-written steps, mismatched models, init_from by key."""
+
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from nerveseg_jax import checkpoint, sharding, train
+from nerveseg_jax.configs import unet
+
+
+def _config(features=4):
+  c = unet.get_config("smoke")
+  c.model.features = features
+  return c
+
+
+def _fresh_state(config):
+  mesh = sharding.make_mesh(config.mesh)
+  tx, _ = train.make_optimizer(config)
+  parts = train.model_parts(config)
+  state, shardings = train.init_state(config, parts, tx, mesh)
+  return state, shardings
+
+
+def _write_run(workdir, config, scores):
+  """A workdir as train leaves it: config.json and one checkpoint per score."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  state, _ = _fresh_state(config)
+  ckpt = checkpoint.TrainCheckpointer(workdir, keep=2, best_metric="kaggle_score")
+  saved = {}
+  for step, score in enumerate(scores, start=1):
+    state = dict(state, params=jax.tree.map(lambda p, s=step: p + s, state["params"]))
+    metrics = None if score is None else {"kaggle_score": score}
+    ckpt.save(step, state, {"step": step, "seed": 0, "best_metric": "kaggle_score",
+                            "metrics": metrics or {}}, metrics=metrics)
+    saved[step] = jax.device_get(state["params"])
+  ckpt.close()
+  return saved
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_best_and_latest_and_retention(tmp_path):
+  cfg = _config()
+  saved = _write_run(tmp_path, cfg, [0.9, 0.1, 0.2, None])
+  # keep=2 latest (3, 4) plus the best-scored (1); step 2 is gone.
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                if p.name.isdigit()) == [1, 3, 4]
+  for which, step in (("best", 1), ("latest", 4)):
+    config, model = checkpoint.load_model(tmp_path, which=which)
+    assert config.model.features == 4
+    from flax import nnx
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    for a, b in zip(_leaves(params), _leaves(saved[step])):
+      np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="which='worst'"):
+    checkpoint.load_model(tmp_path, which="worst")
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+  _write_run(tmp_path, _config(), [0.5, 0.6])
+  # What a save killed mid-write leaves behind (Orbax renames on success only).
+  tmp = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1234567"
+  (tmp / "state").mkdir(parents=True)
+  (tmp / "state" / "partial").write_bytes(b"\0" * 100)
+  ckpt = checkpoint.TrainCheckpointer(tmp_path, keep=2, best_metric="kaggle_score")
+  assert ckpt.latest_step() == 2
+  ckpt.close()
+  assert not tmp.exists()  # cleaned up on open
+  checkpoint.load_model(tmp_path, which="latest")
+
+
+def test_mismatched_config_is_refused_before_anything_changes(tmp_path):
+  _write_run(tmp_path, _config(features=4), [0.5])
+  before = (tmp_path / "config.json").read_text()
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match=r"model.features: checkpoint 4 vs config 8"):
+    train.train_and_evaluate(_config(features=8), tmp_path)
+  assert (tmp_path / "config.json").read_text() == before
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+
+
+def test_mismatched_shapes_name_the_keys(tmp_path):
+  _write_run(tmp_path, _config(features=4), [0.5])
+  cfg = json.loads((tmp_path / "config.json").read_text())
+  cfg["model"]["features"] = 8   # config.json edited by hand: shapes no longer fit
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=r"kernel.*checkpoint \(.*vs model"):
+    checkpoint.load_model(tmp_path)
+
+
+def test_missing_workdir_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    checkpoint.load_model(tmp_path / "nope")
+  (tmp_path / "config.json").write_text(_config().to_json_best_effort())
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    checkpoint.load_model(tmp_path)
+
+
+def _kernels(pure, prefix=""):
+  """(keystr, array) of every 4-D kernel in a pure dict."""
+  flat = jax.tree_util.tree_flatten_with_path(pure)[0]
+  return [(jax.tree_util.keystr(k), v) for k, v in flat if np.ndim(v) == 4]
+
+
+def test_init_from_partial_restore_by_key(tmp_path):
+  cfg = _config()
+  state, shardings = _fresh_state(cfg)
+  full = train._merge_dicts(jax.device_get(state["params"]), jax.device_get(state["rest"]))  # pylint: disable=protected-access
+  # A "converted" checkpoint: values shifted by 1, an RGB stem, an extra top, a missing head.
+  src = jax.tree.map(lambda x: np.asarray(x) + 1.0, full)
+  stem_key, stem = _kernels(src)[0]
+  assert stem.shape[2] == 1
+  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(src)[0]}
+  rgb = np.concatenate([stem, stem * 2, stem * 3], axis=2)
+  last_key = sorted(flat)[-1]
+  def rebuild(tree, path=""):
+    out = {}
+    for k, v in tree.items():
+      p = f"{path}['{k}']"
+      if isinstance(v, dict):
+        out[k] = rebuild(v, p)
+      elif p == stem_key:
+        out[k] = rgb
+      elif p != last_key:
+        out[k] = v
+    return out
+  src = rebuild(src)
+  src["imagenet_top"] = {"kernel": np.ones((1536, 1000), np.float32)}
+  ocp.StandardCheckpointer().save(tmp_path / "converted", src)
+  ocp.StandardCheckpointer().close() if hasattr(ocp.StandardCheckpointer, "close") else None
+  import time
+  for _ in range(100):  # async save: wait for the commit
+    if (tmp_path / "converted").exists():
+      break
+    time.sleep(0.05)
+  cfg.init_from = str(tmp_path / "converted")
+  new = train.apply_init_from(cfg, state, shardings)
+  got = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(
+      train._merge_dicts(jax.device_get(new["params"]), jax.device_get(new["rest"])))[0]}  # pylint: disable=protected-access
+  orig = {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_flatten_with_path(full)[0]}
+  np.testing.assert_allclose(got[stem_key], (stem * 6), rtol=1e-6)  # summed over RGB
+  np.testing.assert_array_equal(got[last_key], orig[last_key])      # head kept at init
+  other = [k for k in got if k not in (stem_key, last_key)]
+  for k in other:
+    np.testing.assert_allclose(got[k], orig[k] + 1.0, rtol=1e-6)
+  # A key that does not fit is named.
+  bad = jax.tree.map(lambda x: x, src)
+  bad_key, bad_val = _kernels(src)[1]
+  def put(tree, keys, value):
+    node = tree
+    for k in keys[:-1]:
+      node = node[k]
+    node[keys[-1]] = value
+  put(bad, [s.strip("'") for s in bad_key.strip("[]").split("][")],
+      np.zeros(bad_val.shape[:3] + (bad_val.shape[3] + 1,), np.float32))
+  ocp.StandardCheckpointer().save(tmp_path / "bad", bad)
+  for _ in range(100):
+    if (tmp_path / "bad").exists():
+      break
+    time.sleep(0.05)
+  cfg.init_from = str(tmp_path / "bad")
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=re_escape(bad_key)):
+    train.apply_init_from(cfg, state, shardings)
+  cfg.init_from = str(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match="init_from"):
+    train.apply_init_from(cfg, state, shardings)
+
+
+def re_escape(s):
+  import re
+  return re.escape(s)

@@ -1,0 +1,62 @@
+"""Configs load, keep the stable keys, and the CLI rejects bad keys with one clear line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from nerveseg_jax import train
+from nerveseg_jax.configs import classifier, unet
+
+STABLE = ("data.source", "data.manual_dir", "data.data_dir", "data.image_size",
+          "data.num_folds", "data.fold", "batch_size", "num_train_steps", "learning_rate",
+          "seed", "mesh.data", "mesh.fsdp", "checkpoint_every_steps", "eval_every_steps",
+          "init_from", "model.name")
+
+
+@pytest.mark.parametrize("module,arg", [(unet, ""), (unet, "synthetic"), (unet, "smoke"),
+                                        (unet, "folder"), (classifier, ""),
+                                        (classifier, "synthetic"), (classifier, "smoke")])
+def test_configs_have_stable_keys(module, arg):
+  c = module.get_config(arg)
+  for key in STABLE:
+    assert train._has_key(c, key), key  # pylint: disable=protected-access
+  assert c.batch_size % 8 == 0 and c.eval_batch_size % 8 == 0  # fits 8 fake devices
+  if arg in ("synthetic", "smoke"):
+    assert c.data.source == "synthetic"
+
+
+def test_classifier_defaults():
+  c = classifier.get_config()
+  assert c.model.name == "inception_resnet_v2" and c.model.num_classes == 1
+  assert c.model.in_channels == 1 and tuple(c.data.image_size) == (299, 299)
+
+
+@pytest.mark.parametrize("module", [unet, classifier])
+def test_unknown_variant(module):
+  with pytest.raises(ValueError, match="unknown variant 'nope'"):
+    module.get_config("nope")
+
+
+def test_default_workdir():
+  c = unet.get_config("synthetic")
+  assert str(train.default_workdir("configs/unet.py:synthetic", c)) == "runs/unet_synthetic"
+  assert str(train.default_workdir("configs/classifier.py", c)) == "runs/classifier"
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "nerveseg_jax.train", *args],
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bad_keys_give_one_clear_line(tmp_path):
+  r = _cli("--config", "configs/unet.py:smoke", "--config.model.featurs=3",
+           f"--workdir={tmp_path}")
+  assert r.returncode != 0
+  assert "unknown config key 'model.featurs'" in r.stderr
+  assert 'Did you mean "features"' in r.stderr
+  assert "Traceback" not in r.stderr
+  r = _cli("--config", "configs/unet.py:smok", f"--workdir={tmp_path}")
+  assert r.returncode != 0 and "unknown variant 'smok'" in r.stderr
+  assert "Traceback" not in r.stderr
+  assert not any(tmp_path.iterdir())  # nothing was written

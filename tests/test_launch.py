@@ -1,0 +1,499 @@
+"""Tests of launch/: dry runs of the cluster scripts and real local multi-process runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+SHELL_SCRIPTS = ["lib.sh", "tpu_vm.sh", "slurm.sbatch", "gke/jobset.sh", "gke/xpk.sh"]
+# A train argument that needs quoting everywhere: spaces, quotes, backslash, parens.
+TRICKY = "--config.data.manual_dir=/data/it's a \"dir\"\\(1)"
+TRAIN_ARGS = ["--config", "configs/unet.py", "--workdir", "gs://bkt/runs/unet", TRICKY]
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+  # Keep the caller's own settings of these scripts out of the tests.
+  keep = {k: v for k, v in os.environ.items()
+          if k in ("PATH", "HOME", "LANG", "TMPDIR", "PYTHONPATH")}
+  keep.update(extra)
+  return keep
+
+
+def _run(cmd: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess:
+  return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
+                        timeout=60, **kw)
+
+
+def _commands(stdout: str) -> list[list[str]]:
+  """The commands a script printed ('+ cmd' lines), split as a shell would."""
+  return [shlex.split(line[2:]) for line in stdout.splitlines()
+          if line.startswith("+ ")]
+
+
+def _flag(cmd: list[str], name: str) -> str:
+  values = [a.split("=", 1)[1] for a in cmd if a.startswith(name + "=")]
+  assert len(values) == 1, (name, cmd)
+  return values[0]
+
+
+# --- Cloud TPU VM -----------------------------------------------------------------
+
+
+def test_tpu_vm_dry_run_substitutes_everything():
+  env = _clean_env(TPU_NAME="nerve-v5e", ZONE="us-west4-a", PROJECT="proj-1",
+                   ACCELERATOR_TYPE="v5litepod-32", SPOT="1",
+                   CODE_GCS="gs://bkt/code.tgz")
+  res = _run([str(LAUNCH / "tpu_vm.sh"), "--dry-run", "--", *TRAIN_ARGS], env)
+  assert res.returncode == 0, res.stderr
+  cmds = _commands(res.stdout)
+  describe, delete, create, tar, upload, install, train = cmds
+  where = ["--zone=us-west4-a", "--project=proj-1"]
+  assert describe[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "describe"]
+  assert delete[4:6] == ["delete", "nerve-v5e"] and "--quiet" in delete
+  assert create[4:6] == ["create", "nerve-v5e"] and all(w in create for w in where)
+  assert "--accelerator-type=v5litepod-32" in create and "--spot" in create
+  assert tar[:2] == ["tar", "-czf"] and str(REPO) in tar
+  assert upload == ["gcloud", "storage", "cp", tar[2], "gs://bkt/code.tgz"]
+  for ssh in (install, train):
+    assert ssh[4:6] == ["ssh", "nerve-v5e"] and "--worker=all" in ssh
+  setup = _flag(install, "--command")
+  assert "gcloud storage cp gs://bkt/code.tgz" in setup
+  assert "'.[tpu]'" in setup
+  # The remote shell gets back exactly the training arguments we passed.
+  remote = shlex.split(_flag(train, "--command"))
+  assert remote[:3] == ["cd", "nerveseg_jax", "&&"]
+  assert remote[3:] == [".venv/bin/python", "-m", "nerveseg_jax.train", *TRAIN_ARGS]
+
+
+def test_tpu_vm_detach_and_scp_without_gcs():
+  env = _clean_env(TPU_NAME="t1", ZONE="europe-west4-b")
+  res = _run([str(LAUNCH / "tpu_vm.sh"), "--dry-run", "--skip-create", "--detach",
+              "--", "--config", "configs/unet.py", "--workdir", "/mnt/shared/r"], env)
+  assert res.returncode == 0, res.stderr
+  cmds = _commands(res.stdout)
+  assert [c[4] for c in cmds if c[0] == "gcloud"] == ["scp", "ssh", "ssh"]
+  scp = cmds[1]
+  assert scp[6] == "t1:/tmp/nerveseg_jax-code.tgz" and "--worker=all" in scp
+  train = _flag(cmds[-1], "--command")
+  assert train.startswith("cd nerveseg_jax && nohup .venv/bin/python -m ")
+  assert train.endswith("> train.log 2>&1 < /dev/null &")
+
+
+@pytest.mark.parametrize("state,actions", [
+    ("", ["describe", "create"]),
+    ("PREEMPTED", ["describe", "delete", "create"]),
+    ("READY", ["describe"]),
+])
+def test_tpu_vm_create_or_reuse(tmp_path, state, actions):
+  # A stand-in gcloud: logs its calls; describe answers with FAKE_STATE (or fails).
+  log = tmp_path / "calls"
+  fake = tmp_path / "gcloud"
+  fake.write_text(textwrap.dedent(f"""\
+      #!/bin/sh
+      echo "$*" >> {log}
+      if [ "$4" = describe ]; then
+        [ -n "$FAKE_STATE" ] || exit 1
+        echo "$FAKE_STATE"
+      fi
+  """))
+  fake.chmod(0o755)
+  env = _clean_env(PATH=f"{tmp_path}:{os.environ['PATH']}", TPU_NAME="t9",
+                   ZONE="z1", FAKE_STATE=state)
+  res = _run([str(LAUNCH / "tpu_vm.sh"), "--skip-install", "--", "--workdir",
+              "gs://b/r"], env)
+  assert res.returncode == 0, res.stderr
+  calls = [c.split() for c in log.read_text().splitlines()]
+  assert [c[3] for c in calls] == actions + ["ssh"]
+  assert "--worker=all" in calls[-1]
+  assert " ".join(calls[-1]).endswith(
+      "--command=cd nerveseg_jax && .venv/bin/python -m nerveseg_jax.train "
+      "--workdir gs://b/r")
+
+
+def test_tpu_vm_errors_name_the_problem():
+  res = _run([str(LAUNCH / "tpu_vm.sh"), "--dry-run", "--", "--config", "x"],
+             _clean_env(ZONE="z"))
+  assert res.returncode == 2 and "TPU_NAME" in res.stderr
+  res = _run([str(LAUNCH / "tpu_vm.sh"), "--dry-run", "--bogus"],
+             _clean_env(TPU_NAME="t", ZONE="z"))
+  assert res.returncode == 2 and "--bogus" in res.stderr
+  # No shared workdir: still runs, but warns.
+  res = _run([str(LAUNCH / "tpu_vm.sh"), "--dry-run", "--", "--config", "x"],
+             _clean_env(TPU_NAME="t", ZONE="z"))
+  assert res.returncode == 0 and "no --workdir" in res.stderr
+
+
+# --- SLURM ---------------------------------------------------------------------------
+
+
+def test_slurm_per_gpu_dry_run():
+  env = _clean_env(SLURM_JOB_NUM_NODES="4", SLURM_GPUS_ON_NODE="8")
+  res = _run(["bash", str(LAUNCH / "slurm.sbatch"), "--dry-run", "--", *TRAIN_ARGS],
+             env)
+  assert res.returncode == 0, res.stderr
+  (srun,) = _commands(res.stdout)
+  assert srun == ["srun", "--kill-on-bad-exit=1", "--nodes=4", "--ntasks-per-node=8",
+                  "python3", "-m", "nerveseg_jax.train", *TRAIN_ARGS]
+  header = (LAUNCH / "slurm.sbatch").read_text()
+  assert "#SBATCH --signal=TERM@" in header and "#SBATCH --requeue" in header
+
+
+def test_slurm_per_node_task_environment(tmp_path):
+  env = _clean_env(PROCS="per_node", SLURM_JOB_NUM_NODES="3", SLURM_JOB_ID="4100",
+                   HEAD_NODE="gpu-a17", PYTHON="python3")
+  res = _run(["bash", str(LAUNCH / "slurm.sbatch"), "--dry-run", "--", *TRAIN_ARGS],
+             env)
+  assert res.returncode == 0, res.stderr
+  (srun,) = _commands(res.stdout)
+  assert srun[:4] == ["srun", "--kill-on-bad-exit=1", "--nodes=3",
+                      "--ntasks-per-node=1"]
+  exported = dict(kv.split("=", 1) for kv in _flag(srun, "--export").split(",")[1:])
+  assert exported == {"NERVESEG_COORDINATOR": f"gpu-a17:{4100 % 4096 + 61440}",
+                      "NERVESEG_NUM_PROCESSES": "3"}
+  task = srun[5:]
+  assert task[-len(TRAIN_ARGS) - 3:] == ["python3", "-m", "nerveseg_jax.train",
+                                         *TRAIN_ARGS]
+  # Run the per-task wrapper as srun would on the third node, with a program that
+  # shows what the training process would see.
+  probe = [sys.executable, "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
+  wrapper = task[:-len(TRAIN_ARGS) - 3] + probe
+  seen = json.loads(subprocess.run(
+      wrapper, env=_clean_env(SLURM_PROCID="2", SLURM_LOCALID="0",
+                              SLURM_JOB_ID="4100"),
+      capture_output=True, text=True, check=True, timeout=30).stdout)
+  assert seen["NERVESEG_PROCESS_ID"] == "2"
+  assert "SLURM_LOCALID" not in seen  # else JAX would pin the process to GPU 0
+
+
+def test_slurm_rejects_unknown_mode():
+  res = _run(["bash", str(LAUNCH / "slurm.sbatch"), "--dry-run"],
+             _clean_env(PROCS="per_core"))
+  assert res.returncode == 2 and "PROCS" in res.stderr
+
+
+# --- GKE: JobSet and XPK ---------------------------------------------------------------
+
+
+def _render(target: str, **env: str) -> dict:
+  yaml = pytest.importorskip("yaml")
+  res = _run([str(LAUNCH / "gke/jobset.sh"), "--render", target, "--", *TRAIN_ARGS],
+             _clean_env(IMAGE="us-docker.pkg.dev/p/r/nerveseg:1", **env))
+  assert res.returncode == 0, res.stderr
+  return yaml.safe_load(res.stdout)
+
+
+def _pod(manifest: dict) -> dict:
+  (rjob,) = manifest["spec"]["replicatedJobs"]
+  return rjob, rjob["template"]["spec"]["template"]["spec"]
+
+
+def test_jobset_tpu_manifest():
+  m = _render("tpu", JOB_NAME="unet-v5e", NUM_SLICES="2", TPU_TOPOLOGY="2x4",
+              NUM_NODES="2", SPOT="1")
+  assert (m["apiVersion"], m["kind"]) == ("jobset.x-k8s.io/v1alpha2", "JobSet")
+  assert m["metadata"]["name"] == "unet-v5e"
+  rjob, pod = _pod(m)
+  assert rjob["replicas"] == 2
+  assert rjob["template"]["spec"]["parallelism"] == 2
+  assert pod["nodeSelector"] == {
+      "cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice",
+      "cloud.google.com/gke-tpu-topology": "2x4",
+      "cloud.google.com/gke-spot": "true"}
+  (c,) = pod["containers"]
+  assert c["image"] == "us-docker.pkg.dev/p/r/nerveseg:1"
+  assert c["command"] + c["args"] == ["python", "-m", "nerveseg_jax.train",
+                                      *TRAIN_ARGS]
+  assert c["resources"]["limits"] == {"google.com/tpu": 4}
+  assert pod["terminationGracePeriodSeconds"] == 120
+
+
+def test_jobset_gpu_manifest():
+  m = _render("gpu", JOB_NAME="unet-h100", NUM_NODES="4")
+  rjob, pod = _pod(m)
+  assert rjob["name"] == "workers" and rjob["template"]["spec"]["completions"] == 4
+  assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+  (c,) = pod["containers"]
+  assert c["args"] == TRAIN_ARGS
+  env = {e["name"]: e for e in c["env"]}
+  # Pod 0 of the JobSet's headless service hosts the coordinator.
+  assert env["NERVESEG_COORDINATOR"]["value"] == (
+      "unet-h100-workers-0-0.unet-h100:1234")
+  assert env["NERVESEG_NUM_PROCESSES"]["value"] == "4"
+  assert "job-completion-index" in (
+      env["NERVESEG_PROCESS_ID"]["valueFrom"]["fieldRef"]["fieldPath"])
+  assert c["resources"]["limits"] == {"nvidia.com/gpu": 8}
+
+
+def test_jobset_dry_run_and_errors():
+  env = _clean_env(IMAGE="img:2", JOB_NAME="j1")
+  res = _run([str(LAUNCH / "gke/jobset.sh"), "--dry-run", "gpu", "--", "--config",
+              "c", "--workdir", "gs://b/w"], env)
+  assert res.returncode == 0, res.stderr
+  (apply,) = _commands(res.stdout)
+  assert apply[:3] == ["kubectl", "apply", "-f"] and apply[3].endswith("j1.jobset.yaml")
+  assert "kind: JobSet" in res.stdout
+  bad = [(dict(IMAGE="i", JOB_NAME="Bad_Name"), "JOB_NAME"),
+         (dict(IMAGE="i", NUM_NODES="two"), "NUM_NODES"),
+         (dict(), "IMAGE")]
+  for extra, named in bad:
+    res = _run([str(LAUNCH / "gke/jobset.sh"), "--render", "tpu"], _clean_env(**extra))
+    assert res.returncode == 2 and named in res.stderr, (extra, res.stderr)
+  res = _run([str(LAUNCH / "gke/jobset.sh"), "--render", "cpu"], _clean_env(IMAGE="i"))
+  assert res.returncode == 2 and "tpu or gpu" in res.stderr
+
+
+def test_xpk_tpu_dry_run():
+  env = _clean_env(CLUSTER="xpk-1", IMAGE="img:3", JOB_NAME="run7", NUM_SLICES="2",
+                   PROJECT="p", ZONE="us-east5-b")
+  res = _run([str(LAUNCH / "gke/xpk.sh"), "--dry-run", "tpu", "--", *TRAIN_ARGS], env)
+  assert res.returncode == 0, res.stderr
+  (xpk,) = _commands(res.stdout)
+  assert xpk[:3] == ["xpk", "workload", "create"]
+  for flag in ("--cluster=xpk-1", "--workload=run7", "--docker-image=img:3",
+               "--tpu-type=v5litepod-16", "--num-slices=2", "--project=p",
+               "--zone=us-east5-b", "--max-restarts=3"):
+    assert flag in xpk
+  assert shlex.split(_flag(xpk, "--command")) == [
+      "python", "-m", "nerveseg_jax.train", *TRAIN_ARGS]
+
+
+def test_xpk_gpu_command_maps_the_rank_variables(tmp_path):
+  env = _clean_env(CLUSTER="xpk-1", IMAGE="img:3", NUM_NODES="4")
+  res = _run([str(LAUNCH / "gke/xpk.sh"), "--dry-run", "gpu", "--", *TRAIN_ARGS], env)
+  assert res.returncode == 0, res.stderr
+  (xpk,) = _commands(res.stdout)
+  assert "--device-type=h100-80gb-8" in xpk and "--num-nodes=4" in xpk
+  # Run the pod's command under the variables XPK gives a GPU pod, with a stand-in
+  # `python` that reports what it got.
+  fake = tmp_path / "python"
+  fake.write_text('#!/bin/sh\nenv | grep ^NERVESEG_ | sort\nprintf "%s\\n" "$@"\n')
+  fake.chmod(0o755)
+  pod_env = _clean_env(PATH=f"{tmp_path}:{os.environ['PATH']}",
+                       JAX_COORDINATOR_ADDRESS="run-workers-0-0.run",
+                       JAX_COORDINATOR_PORT="6002", NNODES="4", NODE_RANK="3")
+  out = subprocess.run(["bash", "-c", _flag(xpk, "--command")], env=pod_env,
+                       capture_output=True, text=True, check=True,
+                       timeout=30).stdout.splitlines()
+  assert out[:3] == ["NERVESEG_COORDINATOR=run-workers-0-0.run:6002",
+                     "NERVESEG_NUM_PROCESSES=4", "NERVESEG_PROCESS_ID=3"]
+  assert out[3:] == ["-m", "nerveseg_jax.train", *TRAIN_ARGS]
+
+
+# --- shellcheck ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS)
+def test_shellcheck_clean(script):
+  if shutil.which("shellcheck") is None:
+    pytest.skip("shellcheck is not installed (apt-get install shellcheck; "
+                ".ci/run installs it)")
+  res = subprocess.run(["shellcheck", "-x", "-s", "bash", f"launch/{script}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert res.returncode == 0, res.stdout + res.stderr
+
+
+# --- local launcher ----------------------------------------------------------------------
+
+LOCAL = [sys.executable, str(LAUNCH / "local.py")]
+
+
+def test_local_dry_run():
+  res = _run([*LOCAL, "-n", "3", "--devices_per_process", "4", "--port", "4321",
+              "--dry-run", "--", *TRAIN_ARGS],
+             _clean_env(XLA_FLAGS="--xla_dump_to=/tmp/x "
+                        "--xla_force_host_platform_device_count=8"))
+  assert res.returncode == 0, res.stderr
+  lines = res.stdout.splitlines()
+  assert len(lines) == 3
+  for rank, line in enumerate(lines):
+    words = shlex.split(line)
+    env = dict(w.split("=", 1) for w in words[:5])
+    assert env == {"NERVESEG_COORDINATOR": "127.0.0.1:4321",
+                   "NERVESEG_NUM_PROCESSES": "3", "NERVESEG_PROCESS_ID": str(rank),
+                   "JAX_PLATFORMS": "cpu",
+                   "XLA_FLAGS": "--xla_dump_to=/tmp/x "
+                                "--xla_force_host_platform_device_count=4"}
+    assert words[5:] == [sys.executable, "-m", "nerveseg_jax.train", *TRAIN_ARGS]
+
+
+def test_local_rejects_bad_options():
+  res = _run([*LOCAL, "-n", "0", "--dry-run"], _clean_env())
+  assert res.returncode == 2 and "--num_processes" in res.stderr
+  res = _run([*LOCAL, "--module", "no_such_pkg.train"], _clean_env())
+  assert res.returncode == 2 and "no_such_pkg.train" in res.stderr
+
+
+def _write_module(tmp_path: pathlib.Path, name: str, body: str) -> dict[str, str]:
+  (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
+  return _clean_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+
+def test_local_prefixes_output_and_propagates_exit_code(tmp_path):
+  env = _write_module(tmp_path, "exiter", """
+      import os, sys, time
+      rank = int(os.environ["NERVESEG_PROCESS_ID"])
+      print(f"rank={rank} of {os.environ['NERVESEG_NUM_PROCESSES']}", flush=True)
+      if rank == 2:
+        sys.exit(3)
+      time.sleep(60)  # the launcher must not wait for this
+  """)
+  start = time.monotonic()
+  res = _run([*LOCAL, "-n", "3", "--module", "exiter"], env)
+  assert time.monotonic() - start < 30
+  assert res.returncode == 3
+  for rank in range(3):
+    assert f"[{rank}] rank={rank} of 3" in res.stdout
+  assert re.search(r"process 2 \(pid \d+\) exited with code 3; terminating the "
+                   r"other 2 running process", res.stdout), res.stdout
+
+
+def test_local_forwards_sigterm(tmp_path):
+  env = _write_module(tmp_path, "term", """
+      import signal, sys, time
+      def on_term(signum, frame):
+        print("checkpointing on SIGTERM", flush=True)
+        sys.exit(0)
+      signal.signal(signal.SIGTERM, on_term)
+      print("ready", flush=True)
+      time.sleep(60)
+  """)
+  proc = subprocess.Popen([*LOCAL, "-n", "2", "--module", "term"], env=env, cwd=REPO,
+                          stdout=subprocess.PIPE, text=True)
+  ready = 0
+  for line in proc.stdout:
+    ready += line.strip().endswith("ready")
+    if ready == 2:
+      break
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=30)
+  assert proc.returncode == 128 + signal.SIGTERM
+  assert "[0] checkpointing on SIGTERM" in out and "[1] checkpointing on SIGTERM" in out
+
+
+def test_local_timeout(tmp_path):
+  env = _write_module(tmp_path, "sleeper", "import time\ntime.sleep(60)\n")
+  res = _run([*LOCAL, "-n", "2", "--module", "sleeper", "--timeout_s", "1",
+              "--grace_s", "1"], env)
+  assert res.returncode == 124 and "--timeout_s" in res.stdout
+
+
+@pytest.mark.slow
+def test_local_sigkill_of_one_jax_process_fails_fast(tmp_path):
+  """A peer killed mid-collective: the survivor is stopped, nothing hangs."""
+  env = _write_module(tmp_path, "collective_loop", """
+      import os, time
+      import jax
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+      jax.distributed.initialize(os.environ["NERVESEG_COORDINATOR"],
+                                 int(os.environ["NERVESEG_NUM_PROCESSES"]),
+                                 int(os.environ["NERVESEG_PROCESS_ID"]))
+      import jax.numpy as jnp
+      from jax.experimental import multihost_utils
+      total = multihost_utils.process_allgather(jnp.ones(())).sum()
+      print(f"ready {int(total)} processes", flush=True)
+      while True:  # collectives forever, as a training loop would
+        multihost_utils.sync_global_devices("step")
+        time.sleep(0.02)
+  """)
+  proc = subprocess.Popen([*LOCAL, "-n", "2", "--module", "collective_loop",
+                           "--timeout_s", "120"],
+                          env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+  pids, ready = {}, 0
+  try:
+    for line in proc.stdout:
+      if m := re.match(r"\[launch/local.py\] rank (\d): pid (\d+)", line):
+        pids[int(m[1])] = int(m[2])
+      ready += line.strip().endswith("ready 2 processes")
+      if ready == 2:
+        break
+    assert ready == 2, "the processes never got through their first collective"
+    os.kill(pids[1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    out, _ = proc.communicate(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert time.monotonic() - killed_at < 20
+  assert proc.returncode == 128 + signal.SIGKILL
+  assert f"process 1 (pid {pids[1]}) was killed by signal SIGKILL" in out, out
+  with pytest.raises(ProcessLookupError):  # the survivor is gone too
+    os.kill(pids[0], 0)
+
+
+_TRAIN_MODULES = ("nerveseg_jax.train", "nerveseg_jax.data.pipeline",
+                  "nerveseg_jax.data.augment", "nerveseg_jax.models")
+
+# Runs training unchanged, but records, at every checkpoint save, a digest of the
+# parameters as *this* process holds them (its own addressable shards), so the test
+# can compare what each process ended with rather than the one shared checkpoint.
+_DIGEST_WRAPPER = """
+import hashlib, json, os
+import jax
+import numpy as np
+from nerveseg_jax import checkpoint, train
+
+_save = checkpoint.TrainCheckpointer.save
+
+def save(self, step, state, *args, **kwargs):
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state["params"])[0]:
+    for shard in sorted(leaf.addressable_shards, key=lambda s: str(s.index)):
+      h.update(f"{jax.tree_util.keystr(path)}{shard.index}".encode())
+      h.update(np.asarray(shard.data).tobytes())
+  out = os.path.join(os.environ["DIGEST_DIR"], f"rank{jax.process_index()}.jsonl")
+  with open(out, "a") as f:
+    f.write(json.dumps({"step": int(step), "digest": h.hexdigest(),
+                        "devices": jax.device_count()}) + "\\n")
+  return _save(self, step, state, *args, **kwargs)
+
+checkpoint.TrainCheckpointer.save = save
+train.run()
+"""
+
+
+@pytest.mark.slow
+def test_local_two_process_training(tmp_path):
+  """2 CPU processes x 2 devices train :smoke together: same params, one checkpoint."""
+  missing = [m for m in _TRAIN_MODULES if importlib.util.find_spec(m) is None]
+  if missing:
+    pytest.skip(f"training is not in the tree yet: {', '.join(missing)} missing")
+  env = _write_module(tmp_path, "train_with_digests", _DIGEST_WRAPPER)
+  env["DIGEST_DIR"] = str(tmp_path)
+  workdir = tmp_path / "run"
+  steps = 4
+  res = subprocess.run(
+      [*LOCAL, "-n", "2", "--devices_per_process", "2", "--timeout_s", "400",
+       "--module", "train_with_digests", "--",
+       "--config", "configs/unet.py:smoke", "--workdir", str(workdir),
+       f"--config.data.data_dir={tmp_path / 'tfds'}",
+       f"--config.num_train_steps={steps}", "--config.checkpoint_every_steps=2",
+       "--config.eval_every_steps=2", "--config.log_every_steps=2"],
+      env=env, cwd=REPO, capture_output=True, text=True, timeout=450)
+  assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
+  assert "[launch/local.py] all 2 processes finished" in res.stdout
+  digests = [[json.loads(l) for l in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()]
+             for r in range(2)]
+  assert [d["step"] for d in digests[0]] == [2, 4] == [d["step"] for d in digests[1]]
+  assert all(d["devices"] == 4 for d in digests[0] + digests[1])
+  # Identical parameters in both processes at every save, and training moved them.
+  assert [d["digest"] for d in digests[0]] == [d["digest"] for d in digests[1]]
+  assert digests[0][0]["digest"] != digests[0][1]["digest"]
+  # One checkpoint directory, shared, holding the final step.
+  ckpt = workdir / "checkpoints"
+  steps_saved = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+  assert steps_saved[-1] == steps, sorted(p.name for p in ckpt.iterdir())
+  assert [p for p in tmp_path.rglob("checkpoints") if p.is_dir()] == [ckpt]

@@ -1,0 +1,118 @@
+"""The synthetic Kaggle-layout generator: layout, determinism, statistics, CLI."""
+
+import csv
+import pathlib
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from nerveseg_jax import rle
+from nerveseg_jax.data import synthetic
+
+
+def _rows(path: pathlib.Path) -> list[dict]:
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def _read(path: pathlib.Path) -> np.ndarray:
+  with Image.open(path) as im:
+    assert im.mode == "L", path
+    return np.asarray(im)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> pathlib.Path:
+  return synthetic.write_tree(tmp_path_factory.mktemp("syn") / "tree", subjects=3,
+                              frames=12, test_subjects=1, seed=7)
+
+
+def test_layout_and_csv_agree_with_mask_files(tree):
+  rows = _rows(tree / "train_masks.csv")
+  assert len(rows) == 36 and list(rows[0]) == ["subject", "img", "pixels"]
+  for r in rows:
+    image = _read(tree / "train" / f"{r['subject']}_{r['img']}.tif")
+    mask = _read(tree / "train" / f"{r['subject']}_{r['img']}_mask.tif")
+    assert image.shape == mask.shape == (420, 580)
+    assert set(np.unique(mask)) <= {0, 255}
+    np.testing.assert_array_equal(rle.decode(r["pixels"]), mask > 0)
+  truth = _rows(tree / "test_truth.csv")
+  sample = _rows(tree / "sample_submission.csv")
+  assert [r["img"] for r in truth] == [r["img"] for r in sample] == [
+      str(n) for n in range(1, 13)]
+  assert sorted(p.name for p in (tree / "test").iterdir()) == sorted(
+      f"{n}.tif" for n in range(1, 13))
+  assert _read(tree / "test" / "1.tif").shape == (420, 580)
+
+
+def test_nerve_size_is_realistic(tree):
+  areas = np.array([rle.decode(r["pixels"]).sum()
+                    for r in _rows(tree / "train_masks.csv") if r["pixels"]])
+  assert areas.size >= 3
+  # Real masks: mean ~7100 px, 5th-95th percentile ~4700-10300 px.
+  assert 3000 <= areas.min() and areas.max() <= 13000
+  assert 5000 <= areas.mean() <= 9500
+
+
+def test_nerve_fraction_near_real():
+  # The per-subject schedule alone (no rendering) over many subjects.
+  present = np.concatenate([
+      synthetic._presence(np.random.default_rng([0, s]), 40) >= 0.5
+      for s in range(300)])
+  assert abs(present.mean() - synthetic.NERVE_FRACTION) < 0.03
+
+
+def test_frames_drift_slowly(tree):
+  def small(name):  # 1/10 scale averages the speckle out
+    a = _read(tree / "train" / f"{name}.tif").astype(np.float32)
+    return a.reshape(42, 10, 58, 10).mean((1, 3)).ravel()
+
+  def corr(a, b):
+    return np.corrcoef(small(a), small(b))[0, 1]
+
+  planted = {n for r in _rows(tree / "planted_duplicates.csv") for n in r.values()}
+  pairs = [(f"1_{t}", f"1_{t + 1}") for t in range(1, 12)
+           if f"1_{t}" not in planted and f"1_{t + 1}" not in planted]
+  same = np.mean([corr(a, b) for a, b in pairs])
+  other = np.mean([corr(f"1_{t}", f"2_{t}") for t in range(1, 12)])
+  # Other subjects still share the depth profile and the skin bands, hence ~0.6.
+  assert same > 0.8 and same > other + 0.2
+
+
+def test_planted_duplicates_contradict(tree):
+  pairs = _rows(tree / "planted_duplicates.csv")
+  assert pairs and list(pairs[0]) == ["empty_id", "nerve_id"]
+  for p in pairs:
+    empty, nerve = p["empty_id"], p["nerve_id"]
+    assert empty.split("_")[0] == nerve.split("_")[0]  # same subject
+    assert not _read(tree / "train" / f"{empty}_mask.tif").any()
+    assert _read(tree / "train" / f"{nerve}_mask.tif").any()
+    diff = np.abs(_read(tree / "train" / f"{empty}.tif").astype(int)
+                  - _read(tree / "train" / f"{nerve}.tif"))
+    assert diff.mean() < 3
+
+
+def test_deterministic_for_a_seed(tmp_path):
+  kw = dict(subjects=1, frames=3, test_subjects=1)
+  a = synthetic.write_tree(tmp_path / "a", seed=1, **kw)
+  b = synthetic.write_tree(tmp_path / "b", seed=1, **kw)
+  c = synthetic.write_tree(tmp_path / "c", seed=2, **kw)
+  files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+  assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+  for f in files:
+    assert (a / f).read_bytes() == (b / f).read_bytes(), f
+  assert (a / "train/1_1.tif").read_bytes() != (c / "train/1_1.tif").read_bytes()
+
+
+def test_cli_and_refuses_non_empty_dir(tmp_path, capsys):
+  out = tmp_path / "cli"
+  assert synthetic.main(["--out", str(out), "--subjects", "1", "--frames", "2",
+                         "--test-subjects", "0", "--seed", "5"]) == 0
+  assert len(_rows(out / "train_masks.csv")) == 2
+  assert not list((out / "test").iterdir())
+  with pytest.raises(SystemExit):
+    synthetic.main(["--out", str(out)])
+  assert "not empty" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="subjects"):
+    synthetic.write_tree(tmp_path / "bad", subjects=0)
