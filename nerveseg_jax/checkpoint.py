@@ -173,39 +173,37 @@ def load_init_from(path: str | pathlib.Path, expected: Mapping[str, Any]) -> dic
   checkpoint lacks (a new head) keep their initial value; checkpoint keys the model
   lacks (an ImageNet top) are ignored. A kernel with 3 input channels feeding a
   1-channel model is summed over RGB, which keeps the response to gray input.
-  Returns a pure dict of numpy arrays for the keys that were found.
+  Returns {keystr path: numpy array} for the keys that were found.
   """
   path = pathlib.Path(path).expanduser().absolute()
   if not path.exists():
     raise FileNotFoundError(f"init_from: checkpoint {path} does not exist")
   raw = _numpy_restore(path)
   src = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(raw)[0]}
-  found, problems = 0, []
-  flat_exp, treedef = jax.tree_util.tree_flatten_with_path(expected)
-  leaves = []
+  problems = []
+  flat_exp = jax.tree_util.tree_flatten_with_path(expected)[0]
+  out = {}
   for keypath, want in flat_exp:
     key = jax.tree_util.keystr(keypath)
     if key not in src:
-      leaves.append(None)
       continue
     value = np.asarray(src[key])
     shape = tuple(want.shape)
-    if value.shape != shape and value.ndim == 4 and value.shape[2] == 3 and shape[2] == 1 \
-        and value.shape[:2] + value.shape[3:] == shape[:2] + shape[3:]:
+    if (value.shape != shape and value.ndim == 4 and value.shape[2] == 3 and shape[2] == 1
+        and value.shape[:2] + value.shape[3:] == shape[:2] + shape[3:]):
       value = value.sum(axis=2, keepdims=True)
     if value.shape != shape:
       problems.append(f"{key}: checkpoint {value.shape} vs model {shape}")
-    leaves.append(value.astype(want.dtype))
-    found += 1
+    out[key] = value.astype(want.dtype)
   if problems:
     raise CheckpointMismatchError(
         f"init_from={path}: keys that do not fit the model:\n  " + "\n  ".join(problems))
-  if not found:
+  if not out:
     raise CheckpointMismatchError(
         f"init_from={path}: no key of the checkpoint matches the model (checkpoint keys "
         f"start {sorted(src)[:3]}, model keys {[jax.tree_util.keystr(k) for k, _ in flat_exp[:3]]})")
-  logging.info("init_from %s: %d of %d arrays restored", path, found, len(flat_exp))
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(expected), leaves)
+  logging.info("init_from %s: %d of %d arrays restored", path, len(out), len(flat_exp))
+  return out
 
 
 def _select_step(directory: pathlib.Path, which: str) -> int:

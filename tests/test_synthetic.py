@@ -55,12 +55,14 @@ def test_nerve_size_is_realistic(tree):
   assert 5000 <= areas.mean() <= 9500
 
 
-def test_nerve_fraction_near_real():
-  # The per-subject schedule alone (no rendering) over many subjects.
-  present = np.concatenate([
-      synthetic._presence(np.random.default_rng([0, s]), 40) >= 0.5
-      for s in range(300)])
-  assert abs(present.mean() - synthetic.NERVE_FRACTION) < 0.03
+def test_nerve_fraction_matches_real(tree):
+  rows = _rows(tree / "train_masks.csv")
+  assert sum(bool(r["pixels"]) for r in rows) == round(0.41 * len(rows))
+  truth = _rows(tree / "test_truth.csv")
+  assert sum(bool(r["pixels"]) for r in truth) == round(0.41 * len(truth))
+  # Subjects differ (as real ones do) but every count fits its subject.
+  counts = synthetic._nerve_counts(np.random.default_rng(0), 50, 40)
+  assert counts.sum() == round(0.41 * 2000) and counts.max() <= 40 and counts.std() > 2
 
 
 def test_frames_drift_slowly(tree):

@@ -195,15 +195,27 @@ def _draw_nerve(e_img: np.ndarray, n: _Nerve, cy: float, cx: float, scale: float
   return mask
 
 
-def _presence(rng: np.random.Generator, frames: int) -> np.ndarray:
-  """Nerve contrast per frame in [0, 1]: contiguous visible runs, faint edges.
+def _nerve_counts(rng: np.random.Generator, subjects: int, frames: int) -> np.ndarray:
+  """Frames with a nerve per subject: varied, summing to NERVE_FRACTION of all."""
+  total = int(round(NERVE_FRACTION * subjects * frames))
+  w = np.clip(rng.normal(1.0, 0.4, subjects), 0.2, None)
+  raw = total * w / w.sum()
+  counts = np.minimum(np.floor(raw).astype(int), frames)
+  # Hand out what flooring and the per-subject cap left over, largest remainder first.
+  order = np.argsort(-(raw - np.floor(raw)), kind="stable")
+  while counts.sum() < total:
+    for s in order:
+      if counts.sum() < total and counts[s] < frames:
+        counts[s] += 1
+  return counts
+
+
+def _presence(rng: np.random.Generator, frames: int, n_on: int) -> np.ndarray:
+  """Nerve contrast per frame in [0, 1]: n_on visible frames in runs, faint edges.
 
   The probe sweeps along the arm, so the nerve comes into view, stays a while and
   leaves; a frame is labelled (mask drawn) only where contrast >= 0.5.
   """
-  p = float(np.clip(rng.normal(NERVE_FRACTION, 0.15), 0.0, 0.85))
-  # Symmetric clipping keeps the mean at NERVE_FRACTION.
-  n_on = int(np.floor(p * frames + rng.uniform()))
   c = np.zeros(frames, np.float32)
   if n_on == 0:
     return c
@@ -227,7 +239,7 @@ def _presence(rng: np.random.Generator, frames: int) -> np.ndarray:
   return c
 
 
-def _render_subject(rng: np.random.Generator, frames: int) -> list[_Frame]:
+def _render_subject(rng: np.random.Generator, frames: int, n_on: int) -> list[_Frame]:
   h, w = HEIGHT, WIDTH
   tissue_a, tissue_b = _tissue(rng), _tissue(rng)
   morph = 0.5 + 0.5 * np.sin(rng.uniform(0, 2 * np.pi)
@@ -243,7 +255,7 @@ def _render_subject(rng: np.random.Generator, frames: int) -> list[_Frame]:
     vessels.append(_Ellipse(_MARGIN + rng.uniform(60, 330), _MARGIN + rng.uniform(30, 550),
                             r * rng.uniform(0.6, 1.0), r, rng.uniform(-0.5, 0.5)))
   pulse_period = rng.uniform(4, 9)
-  presence = _presence(rng, frames)
+  presence = _presence(rng, frames, n_on)
   atten = rng.uniform(0.9, 1.5)
   depth = np.exp(-atten * np.arange(h, dtype=np.float32) / h)[:, None]
   lateral = 1.0 - 0.12 * ((np.arange(w, dtype=np.float32) - w / 2) / (w / 2)) ** 2
@@ -321,12 +333,13 @@ def write_tree(out_dir: str | os.PathLike, *, subjects: int = 10, frames: int = 
   (out / "train").mkdir(parents=True, exist_ok=True)
   (out / "test").mkdir(exist_ok=True)
   planted = []
+  n_on = _nerve_counts(np.random.default_rng([seed, 3]), subjects, frames)
   with open(out / "train_masks.csv", "w", newline="") as f:
     rows = csv.writer(f)
     rows.writerow(["subject", "img", "pixels"])
     for s in range(1, subjects + 1):
       rng = np.random.default_rng([seed, 0, s])
-      sub = _render_subject(rng, frames)
+      sub = _render_subject(rng, frames, int(n_on[s - 1]))
       # About half the subjects carry one contradictory pair, and the first always
       # does (when it can) so small trees still exercise the duplicates option.
       if s == 1 or rng.uniform() < 0.5:
@@ -343,8 +356,9 @@ def write_tree(out_dir: str | os.PathLike, *, subjects: int = 10, frames: int = 
     rows.writerows(planted)
   # Test frames: further subjects, shuffled and numbered from 1 as on Kaggle.
   test = []
+  n_on = _nerve_counts(np.random.default_rng([seed, 4]), max(test_subjects, 1), frames)
   for s in range(test_subjects):
-    test += _render_subject(np.random.default_rng([seed, 1, s]), frames)
+    test += _render_subject(np.random.default_rng([seed, 1, s]), frames, int(n_on[s]))
   order = np.random.default_rng([seed, 2]).permutation(len(test))
   with open(out / "test_truth.csv", "w", newline="") as ft, \
        open(out / "sample_submission.csv", "w", newline="") as fs:

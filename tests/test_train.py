@@ -1,0 +1,234 @@
+"""The training loop on the real pipeline and models (configs/unet.py:smoke, synthetic data).
+
+One in-process reference run (8 fake CPU devices) is shared: the loss goes down, and
+resumed or re-sharded runs must reproduce it: after SIGTERM and after SIGKILL
+(bitwise), on 1 device and on a data x fsdp mesh (fp tolerance).
+"""
+
+import fcntl
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from nerveseg_jax import checkpoint, train
+from nerveseg_jax.configs import unet
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 40  # long enough that a signal sent after the first checkpoint lands mid-run
+
+
+def smoke_data_dir(tmp_path_factory) -> pathlib.Path:
+  """The synthetic smoke set, built once per test session (also used by subprocesses)."""
+  root = tmp_path_factory.getbasetemp() / "smoke_data"
+  root.mkdir(exist_ok=True)
+  with open(root / ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (root / ".ready").exists():
+      from nerveseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+      cfg = smoke_config(root)
+      pipeline.load_arrays(cfg.data, "train")
+      pipeline.load_arrays(cfg.data, "val")
+      (root / ".ready").write_text("ok")
+  return root
+
+
+def smoke_config(data_dir, **overrides):
+  c = unet.get_config("smoke")
+  c.data.data_dir = str(data_dir)
+  c.num_train_steps = STEPS
+  c.log_every_steps = 1          # every step in the loss curve
+  c.eval_every_steps = 20
+  c.checkpoint_every_steps = 10
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def cli_args(data_dir, workdir, **overrides):
+  args = [sys.executable, "-m", "nerveseg_jax.train", "--config",
+          str(REPO / "configs" / "unet.py") + ":smoke", f"--workdir={workdir}"]
+  over = {"data.data_dir": str(data_dir), "num_train_steps": STEPS, "log_every_steps": 1,
+          "eval_every_steps": 20, "checkpoint_every_steps": 10, **overrides}
+  args += [f"--config.{k}={v}" for k, v in over.items()]
+  return args
+
+
+def run_result(stdout: str) -> dict:
+  m = re.search(r"done: .*?: (\{.*\})", stdout)
+  assert m, stdout[-3000:]
+  fields = dict(re.findall(r"'(\w+)': ('[^']*'|[^,}]+)", m.group(1)))
+  return {k: v.strip("'") for k, v in fields.items()}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return smoke_data_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("reference")
+  result = train.train_and_evaluate(smoke_config(data_dir), workdir)
+  return workdir, result
+
+
+def test_smoke_training_loss_goes_down(reference):
+  workdir, result = reference
+  losses = [h["loss"] for h in result["history"]]
+  assert len(losses) == STEPS and all(np.isfinite(losses))
+  assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), losses
+  for key in ("val_kaggle_score", "val_nerve_dice", "val_presence_accuracy",
+              "val_images_per_sec", "train_dice", "train_presence_accuracy"):
+    assert key in result, key
+  assert 0.0 <= result["val_kaggle_score"] <= 1.0
+  assert (workdir / "config.json").exists() and list(workdir.glob("events.out.tfevents*"))
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == STEPS and 20 in steps  # last, and the best-scored are kept
+  config, model = checkpoint.load_model(workdir, which="latest")
+  assert config.model.features == 4 and model is not None
+  # Running again on a finished workdir resumes and does nothing.
+  again = train.train_and_evaluate(checkpoint.read_config(workdir), workdir)
+  assert again["start_step"] == STEPS
+
+
+def test_fsdp_mesh_gives_the_same_curve(data_dir, reference, tmp_path):
+  _, ref = reference
+  cfg = smoke_config(data_dir, num_train_steps=12, checkpoint_every_steps=12,
+                     eval_every_steps=12, **{"mesh.data": 2, "mesh.fsdp": 4})
+  out = train.train_and_evaluate(cfg, tmp_path)
+  np.testing.assert_allclose([h["loss"] for h in out["history"]],
+                             [h["loss"] for h in ref["history"][:12]], rtol=2e-4)
+
+
+def test_one_device_gives_the_same_curve(data_dir, reference, tmp_path):
+  _, ref = reference
+  script = (
+      "import json, sys\n"
+      "from nerveseg_jax import train\n"
+      "from nerveseg_jax.configs import unet\n"
+      f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+      "from test_train import smoke_config\n"
+      "import jax; assert jax.device_count() == 1\n"
+      f"c = smoke_config({str(data_dir)!r}, num_train_steps=12, checkpoint_every_steps=12,"
+      " eval_every_steps=12)\n"
+      f"r = train.train_and_evaluate(c, {str(tmp_path)!r})\n"
+      "print('HISTORY=' + json.dumps([h['loss'] for h in r['history']]))\n")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                     text=True, timeout=300, cwd=REPO)
+  assert p.returncode == 0, p.stderr[-3000:]
+  one = json.loads(p.stdout.split("HISTORY=")[1].splitlines()[0])
+  np.testing.assert_allclose(one, [h["loss"] for h in ref["history"][:12]], rtol=2e-4)
+
+
+def _wait_for_checkpoint(proc, workdir, step, timeout=240):
+  target = workdir / "checkpoints" / str(step)
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if (target / "commit_success.txt").exists() or (target / "_CHECKPOINT_METADATA").exists():
+      return
+    if proc.poll() is not None:
+      out, err = proc.communicate()
+      pytest.fail(f"run ended before checkpoint {step}: {err[-3000:]}")
+    time.sleep(0.02)
+  proc.kill()
+  pytest.fail(f"no checkpoint {step} after {timeout}s")
+
+
+def _finish(proc, timeout=240):
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    pytest.fail("training subprocess timed out")
+  return proc.returncode, out, err
+
+
+def test_sigterm_saves_and_resumes_bitwise(data_dir, reference, tmp_path):
+  _, ref = reference
+  proc = subprocess.Popen(cli_args(data_dir, tmp_path), cwd=REPO, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  _wait_for_checkpoint(proc, tmp_path, 10)
+  proc.send_signal(signal.SIGTERM)
+  rc, out, err = _finish(proc)
+  assert rc == 0, err[-3000:]
+  first = run_result(out)
+  assert first["preempted"] == "True", "SIGTERM arrived after the run ended"
+  stopped = int(first["step"])
+  assert 10 <= stopped < STEPS
+  assert "SIGTERM: saved checkpoint at step" in err
+  assert (tmp_path / "checkpoints" / str(stopped)).exists()
+  rc, out, err = _finish(subprocess.Popen(cli_args(data_dir, tmp_path), cwd=REPO, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+  assert rc == 0, err[-3000:]
+  second = run_result(out)
+  assert int(second["start_step"]) == stopped and int(second["step"]) == STEPS
+  assert second["params_sha256"] == ref["params_sha256"]
+
+
+def test_sigkill_resumes_from_last_complete_checkpoint(data_dir, reference, tmp_path):
+  _, ref = reference
+  proc = subprocess.Popen(cli_args(data_dir, tmp_path), cwd=REPO, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  _wait_for_checkpoint(proc, tmp_path, 20)
+  proc.kill()
+  proc.communicate(timeout=60)
+  committed = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                     if p.name.isdigit())
+  # What a kill in the middle of a save leaves: a temporary directory, never a step.
+  half = tmp_path / "checkpoints" / f"{committed[-1] + 10}.orbax-checkpoint-tmp"
+  (half / "state").mkdir(parents=True, exist_ok=True)
+  (half / "state" / "garbage").write_bytes(b"\0" * 64)
+  rc, out, err = _finish(subprocess.Popen(cli_args(data_dir, tmp_path), cwd=REPO, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+  assert rc == 0, err[-3000:]
+  result = run_result(out)
+  assert int(result["start_step"]) == committed[-1] >= 20
+  assert result["params_sha256"] == ref["params_sha256"]
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+  cfg = smoke_config(data_dir, learning_rate=1e30, grad_clip_norm=0.0, warmup_steps=1,
+                     checkpoint_every_steps=1, num_train_steps=10)
+  with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss .* at step \d+") as e:
+    train.train_and_evaluate(cfg, tmp_path)
+  bad = int(re.search(r"at step (\d+)", str(e.value)).group(1))
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  # Checkpoint k holds the state after k steps; the bad step's result was never saved.
+  assert steps and max(steps) <= bad
+  assert f"last good checkpoint is step {max(steps)}" in str(e.value)
+
+
+def test_bfloat16_compute_trains(data_dir, tmp_path):
+  cfg = smoke_config(data_dir, dtype="bfloat16", num_train_steps=4, checkpoint_every_steps=4,
+                     eval_every_steps=4)
+  out = train.train_and_evaluate(cfg, tmp_path)
+  assert np.isfinite(out["train_loss"]) and np.isfinite(out["val_kaggle_score"])
+  _, model = checkpoint.load_model(tmp_path, which="latest")
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  assert {str(x.dtype) for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {"float32"}
+
+
+def test_missing_kaggle_download_is_one_message(tmp_path):
+  p = subprocess.run(
+      [sys.executable, "-m", "nerveseg_jax.train", "--config",
+       str(REPO / "configs" / "unet.py"), f"--workdir={tmp_path / 'w'}",
+       f"--config.data.data_dir={tmp_path / 'tfds'}",
+       f"--config.data.manual_dir={tmp_path / 'no_such_download.zip'}"],
+      capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert p.returncode != 0
+  assert "Traceback" not in p.stderr, p.stderr[-3000:]
+  assert "data.manual_dir" in p.stderr and "kaggle" in p.stderr.lower()
