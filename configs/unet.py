@@ -57,6 +57,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.batch_size = 8
         c.eval_batch_size = 8
         c.num_train_steps = 20
+        c.learning_rate = 3e-3   # a visible drop of the loss within a few steps
         c.warmup_steps = 2
         c.log_every_steps = 5
         c.eval_every_steps = 10

@@ -74,12 +74,37 @@ def check_model_config(workdir: pathlib.Path, config: ml_collections.ConfigDict)
         + "\n  ".join(diffs) + "\nUse another --workdir, or the saved model config.")
 
 
+def path_str(keypath: tuple) -> str:
+  """'a/0/kernel' for a pytree key path (Orbax stores list indices as strings)."""
+  parts = []
+  for k in keypath:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def flat_by_path(tree: Any) -> dict[str, Any]:
+  return {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten_like(expected: Any, flat: Mapping[str, Any], where: str) -> Any:
+  """The values of `flat` (by path) in the structure of `expected`."""
+  paths = [path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(expected)[0]]
+  missing = [p for p in paths if p not in flat]
+  if missing:
+    raise CheckpointMismatchError(f"{where} lacks {missing[:5]}")
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(expected),
+                                      [flat[p] for p in paths])
+
+
 def check_shapes(saved: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
   """Compares shape trees (leaves: objects with .shape); names every key that differs."""
-  flat_saved = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
-                jax.tree_util.tree_flatten_with_path(saved)[0]}
-  flat_exp = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
-              jax.tree_util.tree_flatten_with_path(expected)[0]}
+  flat_saved = {k: tuple(v.shape) for k, v in flat_by_path(saved).items()}
+  flat_exp = {k: tuple(v.shape) for k, v in flat_by_path(expected).items()}
   problems = []
   for k in sorted(set(flat_saved) | set(flat_exp)):
     a, b = flat_saved.get(k), flat_exp.get(k)
@@ -173,18 +198,18 @@ def load_init_from(path: str | pathlib.Path, expected: Mapping[str, Any]) -> dic
   checkpoint lacks (a new head) keep their initial value; checkpoint keys the model
   lacks (an ImageNet top) are ignored. A kernel with 3 input channels feeding a
   1-channel model is summed over RGB, which keeps the response to gray input.
-  Returns {keystr path: numpy array} for the keys that were found.
+  Returns {path_str: numpy array} for the keys that were found.
   """
   path = pathlib.Path(path).expanduser().absolute()
   if not path.exists():
     raise FileNotFoundError(f"init_from: checkpoint {path} does not exist")
   raw = _numpy_restore(path)
-  src = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(raw)[0]}
+  src = flat_by_path(raw)
   problems = []
   flat_exp = jax.tree_util.tree_flatten_with_path(expected)[0]
   out = {}
   for keypath, want in flat_exp:
-    key = jax.tree_util.keystr(keypath)
+    key = path_str(keypath)
     if key not in src:
       continue
     value = np.asarray(src[key])
@@ -201,7 +226,7 @@ def load_init_from(path: str | pathlib.Path, expected: Mapping[str, Any]) -> dic
   if not out:
     raise CheckpointMismatchError(
         f"init_from={path}: no key of the checkpoint matches the model (checkpoint keys "
-        f"start {sorted(src)[:3]}, model keys {[jax.tree_util.keystr(k) for k, _ in flat_exp[:3]]})")
+        f"start {sorted(src)[:3]}, model keys {[path_str(k) for k, _ in flat_exp[:3]]})")
   logging.info("init_from %s: %d of %d arrays restored", path, len(out), len(flat_exp))
   return out
 
@@ -258,8 +283,11 @@ def load_model(workdir: str | pathlib.Path, *, which: str = "best"
   check_shapes({k: saved.get(k, {}) for k in expected}, expected, str(path))
   restored = _numpy_restore(path, keys=tuple(expected))
   rngs = jax.tree.map(_concrete_rng_leaf, rng_state)
-  params.replace_by_pure_dict(jax.tree.map(jax.numpy.asarray, restored["params"]))
-  rest.replace_by_pure_dict(jax.tree.map(jax.numpy.asarray, restored["rest"]))
+  flat = flat_by_path(restored)
+  for name, part in (("params", params), ("rest", rest)):
+    sub = {k[len(name) + 1:]: jax.numpy.asarray(v) for k, v in flat.items()
+           if k.startswith(name + "/")}
+    part.replace_by_pure_dict(unflatten_like(part.to_pure_dict(), sub, str(path)))
   model = nnx.merge(graphdef, rngs, params, rest)
   model.eval()
   logging.info("loaded %s step %d (%s)", workdir, step, which)

@@ -44,18 +44,25 @@ class Labelled:
 
 # ---------------------------------------------------------------------------- sources
 
-def _dataset_frames(data_cfg, split: str) -> Iterator[Labelled]:
+def split_ids(data_cfg, split: str) -> set[str]:
+  """Frame ids of a pipeline split: folds and filtering exactly as in training."""
+  from nerveseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return {_text(i) for i in pipeline.load_arrays(data_cfg, split).id}
+
+
+def _dataset_frames(data_cfg, split: str, ids: set[str] | None = None
+                    ) -> Iterator[Labelled]:
   """Source-resolution frames and masks of a pipeline split, from the TFDS builder.
 
-  Split membership comes from pipeline.load_arrays (so folds and filtering are exactly
-  the training pipeline's); pixels come from the builder, which stores source size.
+  Split membership comes from pipeline.load_arrays (its arrays are resized, so only
+  the ids are used); pixels come from the builder, which stores the source size.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from nerveseg_jax.data import pipeline, tfds_source  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
   if split == "test":
     yield from _test_frames(data_cfg)
     return
-  ids = {_text(i) for i in pipeline.load_arrays(data_cfg, split).id}
+  ids = split_ids(data_cfg, split) if ids is None else ids
   builder = tfds_source.build(data_cfg)
   for ex in tfds.as_numpy(builder.as_dataset(split="train")):
     name = _text(ex["id"])
@@ -152,11 +159,12 @@ def summarize(dice: np.ndarray, found: np.ndarray, has_nerve: np.ndarray) -> dic
   fp = int(np.sum(found & ~has_nerve))
   fn = int(np.sum(~found & has_nerve))
   tn = int(np.sum(~found & ~has_nerve))
+  # None (JSON null) where a ratio is undefined, e.g. recall without nerve frames.
   return dict(
-      kaggle_score=float(dice.mean()) if dice.size else float("nan"),
-      dice_nerve_frames=float(dice[has_nerve].mean()) if has_nerve.any() else float("nan"),
-      presence_precision=tp / (tp + fp) if tp + fp else float("nan"),
-      presence_recall=tp / (tp + fn) if tp + fn else float("nan"),
+      kaggle_score=float(dice.mean()) if dice.size else None,
+      dice_nerve_frames=float(dice[has_nerve].mean()) if has_nerve.any() else None,
+      presence_precision=tp / (tp + fp) if tp + fp else None,
+      presence_recall=tp / (tp + fn) if tp + fn else None,
       confusion=dict(true_positive=tp, false_positive=fp, false_negative=fn,
                      true_negative=tn),
       num_frames=int(dice.size), num_nerve_frames=int(has_nerve.sum()))
@@ -222,7 +230,8 @@ def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
   if folder:
     source, frames = f"folder {folder}", lambda: _folder_frames(folder)
   else:
-    source, frames = f"split {split}", lambda: _dataset_frames(config.data, split)
+    ids = None if split == "test" else split_ids(config.data, split)
+    source, frames = f"split {split}", lambda: _dataset_frames(config.data, split, ids)
   out_dir = workdir / "eval" if (split == "val" and not folder) else (
       workdir / "eval" / ("folder_" + pathlib.Path(folder).name if folder else split))
   out: dict[str, Any] = dict(workdir=str(workdir), source=source, checkpoint=which, tta=tta)
@@ -270,7 +279,8 @@ def format_table(out: dict[str, Any]) -> str:
            f"{out['metrics']['num_nerve_frames']} with a nerve)",
            f"{'':<22}" + "".join(f"{name:>12}" for name, _ in columns)]
   for k in keys:
-    lines.append(f"{k:<22}" + "".join(f"{m[k]:>12.4f}" for _, m in columns))
+    lines.append(f"{k:<22}" + "".join(
+        f"{m[k]:>12.4f}" if m[k] is not None else f"{'n/a':>12}" for _, m in columns))
   for k in ("true_positive", "false_positive", "false_negative", "true_negative"):
     lines.append(f"{k:<22}" + "".join(f"{m['confusion'][k]:>12d}" for _, m in columns))
   lines.append(f"calibration: {out['calibration']}")

@@ -178,6 +178,8 @@ class ReportBuilder:
 
 
 def _fmt(v: Any) -> str:
+  if v is None:
+    return "n/a"
   if isinstance(v, float):
     return f"{v:.4f}"
   return str(v)

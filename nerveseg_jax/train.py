@@ -130,8 +130,8 @@ def model_parts(config: ml_collections.ConfigDict) -> ModelParts:
   return ModelParts(graphdef, rng, params, rest, _rng_tags(rng))
 
 
-def init_state(config, parts: ModelParts, tx, mesh) -> tuple[Any, Any]:
-  """The train state created directly into its shardings; returns (state, shardings)."""
+def abstract_state(config, tx, mesh) -> tuple[Callable[[], Any], Any, Any]:
+  """(init_fn, abstract state with shardings, shardings) of the train state."""
   build = _model_fn(config)
 
   def init():
@@ -143,8 +143,21 @@ def init_state(config, parts: ModelParts, tx, mesh) -> tuple[Any, Any]:
 
   abstract = jax.eval_shape(init)
   shardings = sharding.state_shardings(mesh, abstract)
-  state = jax.jit(init, out_shardings=shardings)()
-  return state, shardings
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, shardings)
+  return init, abstract, shardings
+
+
+def init_state(config, parts: ModelParts, tx, mesh) -> tuple[Any, Any]:
+  """The train state created directly into its shardings; returns (state, shardings)."""
+  del parts  # the state's layout comes from the same model function
+  init, _, shardings = abstract_state(config, tx, mesh)
+  lowered = jax.jit(init, out_shardings=shardings).lower()
+  # The init runs once; on CPU, LLVM's optimisation of the truncated-normal initialisers
+  # costs ~4x the compile time of everything else here, for nothing.
+  options = {"xla_backend_optimization_level": 0} if mesh.devices.flat[0].platform == "cpu" \
+      else None
+  return lowered.compile(compiler_options=options)(), shardings
 
 
 def apply_init_from(config, state, shardings) -> Any:
@@ -158,7 +171,7 @@ def apply_init_from(config, state, shardings) -> Any:
     shard_leaves = jax.tree.leaves(subshard)
     out = []
     for (path, leaf), shard in zip(flat, shard_leaves):
-      value = found.get(jax.tree_util.keystr(path))
+      value = found.get(ckpt_lib.path_str(path))
       out.append(leaf if value is None else jax.make_array_from_callback(
           value.shape, shard, lambda idx, v=value: v[idx]))
     return jax.tree_util.tree_unflatten(treedef, out)
@@ -331,8 +344,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                        ) -> dict[str, Any]:
   """Trains (resuming from WORKDIR/checkpoints if any) and returns the final metrics."""
   from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
-  from nerveseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-
   sharding.maybe_initialize_distributed()
   workdir = pathlib.Path(workdir).expanduser().absolute()
   mesh = sharding.make_mesh(config.mesh)
@@ -358,136 +369,141 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     checkpointer.close()
     return {"step": start, "start_step": start, "preempted": False}
 
+  from nerveseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   train_arrays = pipeline.load_arrays(config.data, "train")
   val_arrays = pipeline.load_arrays(config.data, "val") if int(config.data.fold) >= 0 else None
-  tx, schedule = make_optimizer(config)
-  parts = model_parts(config)
-  state, shardings = init_state(config, parts, tx, mesh)
-  if start is not None:
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state, shardings)
-    state, meta = checkpointer.restore(start, abstract)
-    if int(meta.get("seed", config.seed)) != int(config.seed):
-      logging.warning("config key seed=%s differs from the checkpoint's seed=%s: the run "
-                      "continues with a different data order", config.seed, meta["seed"])
-    logging.info("resumed from %s step %d", checkpointer.directory, start)
-  else:
-    start = 0
-    if config.init_from:
-      state = apply_init_from(config, state, shardings)
-  start = int(start)
+  try:
+    tx, schedule = make_optimizer(config)
+    parts = model_parts(config)
+    if start is not None:
+      # Restored straight into the shardings: no random init to compile on resume.
+      _, abstract, shardings = abstract_state(config, tx, mesh)
+      state, meta = checkpointer.restore(start, abstract)
+      if int(meta.get("seed", config.seed)) != int(config.seed):
+        logging.warning("config key seed=%s differs from the checkpoint's seed=%s: the run "
+                        "continues with a different data order", config.seed, meta["seed"])
+      logging.info("resumed from %s step %d", checkpointer.directory, start)
+    else:
+      start = 0
+      state, shardings = init_state(config, parts, tx, mesh)
+      if config.init_from:
+        state = apply_init_from(config, state, shardings)
+    start = int(start)
 
-  train_iter = pipeline.TrainIterator(train_arrays, int(config.batch_size), mesh,
-                                      seed=int(config.seed), start_step=start)
+    train_iter = pipeline.TrainIterator(train_arrays, int(config.batch_size), mesh,
+                                        seed=int(config.seed), start_step=start)
 
-  repl = sharding.replicated(mesh)
-  health_sharding = repl
-  step_fn = make_train_step(config, parts, tx, schedule)
-  batch_shardings = {"image": sharding.batch_sharding(mesh, 4),
-                     "mask": sharding.batch_sharding(mesh, 4),
-                     "has_nerve": sharding.batch_sharding(mesh, 1)}
-  jit_step = jax.jit(step_fn, in_shardings=(shardings, health_sharding, batch_shardings),
-                     out_shardings=(shardings, health_sharding, repl, repl),
-                     donate_argnums=(0, 1))
-  health = jax.device_put(jnp.array([-1.0, 0.0], jnp.float32), health_sharding)
+    repl = sharding.replicated(mesh)
+    health_sharding = repl
+    step_fn = make_train_step(config, parts, tx, schedule)
+    batch_shardings = {"image": sharding.batch_sharding(mesh, 4),
+                       "mask": sharding.batch_sharding(mesh, 4),
+                       "has_nerve": sharding.batch_sharding(mesh, 1)}
+    jit_step = jax.jit(step_fn, in_shardings=(shardings, health_sharding, batch_shardings),
+                       out_shardings=(shardings, health_sharding, repl, repl),
+                       donate_argnums=(0, 1))
+    health = jax.device_put(jnp.array([-1.0, 0.0], jnp.float32), health_sharding)
 
-  first = next(train_iter)
-  batch_abstract = {k: jax.ShapeDtypeStruct(first[k].shape, first[k].dtype,
-                                            sharding=first[k].sharding) for k in _BATCH_KEYS}
-  t0 = time.perf_counter()
-  compiled = jit_step.lower(state, health, batch_abstract).compile()
-  compile_s = time.perf_counter() - t0
-  _log_compiled("train_step", compiled, compile_s, writer)
-  eval_step = jax.jit(make_eval_step(config, parts))
+    first = next(train_iter)
+    batch_abstract = {k: jax.ShapeDtypeStruct(first[k].shape, first[k].dtype,
+                                              sharding=first[k].sharding) for k in _BATCH_KEYS}
+    t0 = time.perf_counter()
+    compiled = jit_step.lower(state, health, batch_abstract).compile()
+    compile_s = time.perf_counter() - t0
+    _log_compiled("train_step", compiled, compile_s, writer)
+    eval_step = jax.jit(make_eval_step(config, parts))
 
-  hooks = []
-  report = periodic_actions.ReportProgress(num_train_steps=int(config.num_train_steps),
-                                           writer=writer, every_steps=int(config.log_every_steps))
-  if jax.process_index() == 0:
-    hooks.append(report)
+    hooks = []
+    report = periodic_actions.ReportProgress(num_train_steps=int(config.num_train_steps),
+                                             writer=writer, every_steps=int(config.log_every_steps))
+    if jax.process_index() == 0:
+      hooks.append(report)
 
-  def evaluate(step: int) -> dict[str, float]:
-    if val_arrays is None:
-      return {}
-    t = time.perf_counter()
-    total, n = None, 0
-    for batch in pipeline.eval_batches(val_arrays, int(config.eval_batch_size), mesh):
-      m = eval_step(state, {k: batch[k] for k in (*_BATCH_KEYS, "valid")})
-      total = m if total is None else total.merge(m)
-      n += int(batch["valid"].shape[0])
-    if total is None:
-      return {}
-    values = metrics_lib.to_host(total.compute())
-    values["images_per_sec"] = n / max(time.perf_counter() - t, 1e-9)
-    writer.write_scalars(step, {f"val/{k}": v for k, v in values.items()})
-    logging.info("step %d validation: %s", step,
-                 ", ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
-    return values
+    def evaluate(step: int) -> dict[str, float]:
+      if val_arrays is None:
+        return {}
+      t = time.perf_counter()
+      total, n = None, 0
+      for batch in pipeline.eval_batches(val_arrays, int(config.eval_batch_size), mesh):
+        m = eval_step(state, {k: batch[k] for k in (*_BATCH_KEYS, "valid")})
+        total = m if total is None else total.merge(m)
+        n += int(batch["valid"].shape[0])
+      if total is None:
+        return {}
+      values = metrics_lib.to_host(total.compute())
+      values["images_per_sec"] = n / max(time.perf_counter() - t, 1e-9)
+      writer.write_scalars(step, {f"val/{k}": v for k, v in values.items()})
+      logging.info("step %d validation: %s", step,
+                   ", ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
+      return values
 
-  def check_health(step: int) -> None:
-    bad_step, bad_loss = (float(x) for x in np.asarray(jax.device_get(health)))
-    if bad_step >= 0:
-      last = checkpointer.latest_step()
-      raise NonFiniteLossError(
-          f"non-finite loss {bad_loss} at step {int(bad_step)} (checked at step {step}); "
-          "stopping without saving. "
-          + (f"The last good checkpoint is step {last} in {checkpointer.directory}."
-             if last is not None else "No checkpoint was saved.")
-          + " Lower learning_rate or check the data.")
+    def check_health(step: int) -> None:
+      bad_step, bad_loss = (float(x) for x in np.asarray(jax.device_get(health)))
+      if bad_step >= 0:
+        checkpointer.wait()
+        last = checkpointer.latest_step()
+        raise NonFiniteLossError(
+            f"non-finite loss {bad_loss} at step {int(bad_step)} (checked at step {step}); "
+            "stopping without saving. "
+            + (f"The last good checkpoint is step {last} in {checkpointer.directory}."
+               if last is not None else "No checkpoint was saved.")
+            + " Lower learning_rate or check the data.")
 
-  final: dict[str, Any] = {"compile_seconds": compile_s, "start_step": start}
-  train_metrics = None
-  history: list[dict[str, float]] = []  # train metrics at each log step (the loss curve)
-  val_values: dict[str, float] = {}
-  last_saved = start
-  step = start
-  preempted = False
-  with _Preemption() as preemption, metric_writers.ensure_flushes(writer):
-    batch = first
-    while step < num_steps:
-      if batch is None:
-        batch = next(train_iter)
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, health, m, extras = compiled(state, health, {k: batch[k] for k in _BATCH_KEYS})
-      batch = None
-      step += 1
-      train_metrics = m if train_metrics is None else train_metrics.merge(m)
-      for hook in hooks:
-        hook(step)
-      if step % int(config.log_every_steps) == 0 or step == num_steps:
+    final: dict[str, Any] = {"compile_seconds": compile_s, "start_step": start}
+    train_metrics = None
+    history: list[dict[str, float]] = []  # train metrics at each log step (the loss curve)
+    val_values: dict[str, float] = {}
+    last_saved = start
+    step = start
+    preempted = False
+    with _Preemption() as preemption, metric_writers.ensure_flushes(writer):
+      batch = first
+      while step < num_steps:
+        if batch is None:
+          batch = next(train_iter)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, health, m, extras = compiled(state, health, {k: batch[k] for k in _BATCH_KEYS})
+        batch = None
+        step += 1
+        train_metrics = m if train_metrics is None else train_metrics.merge(m)
+        for hook in hooks:
+          hook(step)
+        if step % int(config.log_every_steps) == 0 or step == num_steps:
+          check_health(step)
+          values = metrics_lib.to_host(train_metrics.compute())
+          values.update(metrics_lib.to_host(extras))
+          writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
+          final.update({f"train_{k}": v for k, v in values.items()})
+          history.append({"step": step, **values})
+          train_metrics = None
+        val_now = (step % int(config.eval_every_steps) == 0 or step == num_steps)
+        if val_now:
+          with report.timed("eval"):
+            val_values = evaluate(step)
+          final.update({f"val_{k}": v for k, v in val_values.items()})
+        save_now = step % int(config.checkpoint_every_steps) == 0 or step == num_steps
+        stop = preemption.agreed()
+        if save_now or stop:
+          check_health(step)  # never save the state of a run that went non-finite
+          checkpointer.save(step, state, _meta(config, step, val_values if val_now else None,
+                                               best_metric),
+                            metrics=val_values if (val_now and val_values) else None)
+          last_saved = step
+          logging.info("saved checkpoint step %d", step)
+        if stop:
+          preempted = True
+          logging.warning("SIGTERM: saved checkpoint at step %d in %s; run the same command "
+                          "again to resume", step, checkpointer.directory)
+          break
+      if last_saved != step:
         check_health(step)
-        values = metrics_lib.to_host(train_metrics.compute())
-        values.update(metrics_lib.to_host(extras))
-        writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
-        final.update({f"train_{k}": v for k, v in values.items()})
-        history.append({"step": step, **values})
-        train_metrics = None
-      val_now = (step % int(config.eval_every_steps) == 0 or step == num_steps)
-      if val_now:
-        with report.timed("eval"):
-          val_values = evaluate(step)
-        final.update({f"val_{k}": v for k, v in val_values.items()})
-      save_now = step % int(config.checkpoint_every_steps) == 0 or step == num_steps
-      stop = preemption.agreed()
-      if save_now or stop:
-        check_health(step)  # never save the state of a run that went non-finite
-        checkpointer.save(step, state, _meta(config, step, val_values if val_now else None,
-                                             best_metric),
-                          metrics=val_values if (val_now and val_values) else None)
-        last_saved = step
-        logging.info("saved checkpoint step %d", step)
-      if stop:
-        preempted = True
-        logging.warning("SIGTERM: saved checkpoint at step %d in %s; run the same command "
-                        "again to resume", step, checkpointer.directory)
-        break
-    if last_saved != step:
-      check_health(step)
-      checkpointer.save(step, state, _meta(config, step, None, best_metric))
-  checkpointer.close()
-  train_iter_close = getattr(train_iter, "close", None)
-  if train_iter_close:
-    train_iter_close()
+        checkpointer.save(step, state, _meta(config, step, None, best_metric))
+    train_iter_close = getattr(train_iter, "close", None)
+    if train_iter_close:
+      train_iter_close()
+  finally:
+    # Also on errors: lets a pending asynchronous save finish (it is of a good state).
+    checkpointer.close()
   final.update({"step": step, "preempted": preempted, "history": history,
                 "params_sha256": params_digest(state["params"])})
   return final

@@ -106,7 +106,7 @@ def test_missing_workdir_errors(tmp_path):
 def _kernels(pure):
   """(keystr, array) of every 4-D kernel in a pure dict."""
   flat = jax.tree_util.tree_flatten_with_path(pure)[0]
-  return [(jax.tree_util.keystr(k), v) for k, v in flat if np.ndim(v) == 4]
+  return [(checkpoint.path_str(k), v) for k, v in flat if np.ndim(v) == 4]
 
 
 def test_init_from_partial_restore_by_key(tmp_path):
@@ -117,13 +117,13 @@ def test_init_from_partial_restore_by_key(tmp_path):
   src = jax.tree.map(lambda x: np.asarray(x) + 1.0, full)
   stem_key, stem = _kernels(src)[0]
   assert stem.shape[2] == 1
-  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(src)[0]}
+  flat = checkpoint.flat_by_path(src)
   rgb = np.concatenate([stem, stem * 2, stem * 3], axis=2)
   last_key = sorted(flat)[-1]
   def rebuild(tree, path=""):
     out = {}
     for k, v in tree.items():
-      p = f"{path}['{k}']"
+      p = f"{path}/{k}" if path else str(k)
       if isinstance(v, dict):
         out[k] = rebuild(v, p)
       elif p == stem_key:
@@ -136,10 +136,9 @@ def test_init_from_partial_restore_by_key(tmp_path):
   _save(tmp_path / "converted", src)
   cfg.init_from = str(tmp_path / "converted")
   new = train.apply_init_from(cfg, state, shardings)
-  got = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(
-      train._merge_dicts(jax.device_get(new["params"]), jax.device_get(new["rest"])))[0]}  # pylint: disable=protected-access
-  orig = {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_flatten_with_path(full)[0]}
+  got = checkpoint.flat_by_path(train._merge_dicts(  # pylint: disable=protected-access
+      jax.device_get(new["params"]), jax.device_get(new["rest"])))
+  orig = checkpoint.flat_by_path(full)
   np.testing.assert_allclose(got[stem_key], (stem * 6), rtol=1e-6)  # summed over RGB
   np.testing.assert_array_equal(got[last_key], orig[last_key])      # head kept at init
   other = [k for k in got if k not in (stem_key, last_key)]
@@ -150,10 +149,11 @@ def test_init_from_partial_restore_by_key(tmp_path):
   bad_key, bad_val = _kernels(src)[1]
   def put(tree, keys, value):
     node = tree
+    key = lambda n, k: int(k) if k not in n and k.isdigit() else k
     for k in keys[:-1]:
-      node = node[k]
-    node[keys[-1]] = value
-  put(bad, [s.strip("'") for s in bad_key.strip("[]").split("][")],
+      node = node[key(node, k)]
+    node[key(node, keys[-1])] = value
+  put(bad, bad_key.split("/"),
       np.zeros(bad_val.shape[:3] + (bad_val.shape[3] + 1,), np.float32))
   _save(tmp_path / "bad", bad)
   cfg.init_from = str(tmp_path / "bad")

@@ -145,9 +145,10 @@ def test_slurm_per_gpu_dry_run():
   res = _run(["bash", str(LAUNCH / "slurm.sbatch"), "--dry-run", "--", *TRAIN_ARGS],
              env)
   assert res.returncode == 0, res.stderr
-  (srun,) = _commands(res.stdout)
+  srun, requeue = _commands(res.stdout)
   assert srun == ["srun", "--kill-on-bad-exit=1", "--nodes=4", "--ntasks-per-node=8",
                   "python3", "-m", "nerveseg_jax.train", *TRAIN_ARGS]
+  assert requeue == ["scontrol", "requeue", "JOB_ID"]
   header = (LAUNCH / "slurm.sbatch").read_text()
   assert "#SBATCH --signal=TERM@" in header and "#SBATCH --requeue" in header
 
@@ -158,7 +159,8 @@ def test_slurm_per_node_task_environment(tmp_path):
   res = _run(["bash", str(LAUNCH / "slurm.sbatch"), "--dry-run", "--", *TRAIN_ARGS],
              env)
   assert res.returncode == 0, res.stderr
-  (srun,) = _commands(res.stdout)
+  srun, requeue = _commands(res.stdout)
+  assert requeue == ["scontrol", "requeue", "4100"]
   assert srun[:4] == ["srun", "--kill-on-bad-exit=1", "--nodes=3",
                       "--ntasks-per-node=1"]
   exported = dict(kv.split("=", 1) for kv in _flag(srun, "--export").split(",")[1:])
@@ -177,6 +179,24 @@ def test_slurm_per_node_task_environment(tmp_path):
       capture_output=True, text=True, check=True, timeout=30).stdout)
   assert seen["NERVESEG_PROCESS_ID"] == "2"
   assert "SLURM_LOCALID" not in seen  # else JAX would pin the process to GPU 0
+
+
+@pytest.mark.parametrize("train_rc,requeued", [(0, False), (143, True), (1, False)])
+def test_slurm_requeues_after_sigterm_stop(tmp_path, train_rc, requeued):
+  # Stand-ins for srun (the training step ends with train_rc) and scontrol.
+  log = tmp_path / "calls"
+  for name, rc in (("srun", train_rc), ("scontrol", 0)):
+    tool = tmp_path / name
+    tool.write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\nexit {rc}\n')
+    tool.chmod(0o755)
+  env = _clean_env(PATH=f"{tmp_path}:{os.environ['PATH']}", SLURM_JOB_ID="991",
+                   SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="4")
+  res = _run(["bash", str(LAUNCH / "slurm.sbatch"), "--", "--workdir", "/shared/w"],
+             env)
+  assert res.returncode == train_rc, res.stderr
+  calls = log.read_text().splitlines()
+  assert calls[0].startswith("srun --kill-on-bad-exit=1 --nodes=2 --ntasks-per-node=4 ")
+  assert calls[1:] == (["scontrol requeue 991"] if requeued else [])
 
 
 def test_slurm_rejects_unknown_mode():
@@ -343,11 +363,15 @@ def _write_module(tmp_path: pathlib.Path, name: str, body: str) -> dict[str, str
 
 
 def test_local_prefixes_output_and_propagates_exit_code(tmp_path):
-  env = _write_module(tmp_path, "exiter", """
-      import os, sys, time
+  env = _write_module(tmp_path, "exiter", f"""
+      import os, pathlib, sys, time
       rank = int(os.environ["NERVESEG_PROCESS_ID"])
-      print(f"rank={rank} of {os.environ['NERVESEG_NUM_PROCESSES']}", flush=True)
+      print(f"rank={{rank}} of {{os.environ['NERVESEG_NUM_PROCESSES']}}", flush=True)
+      pathlib.Path("{tmp_path}", f"printed{{rank}}").touch()
       if rank == 2:
+        # Fail only once the others have printed, so the test can see their lines.
+        while len(list(pathlib.Path("{tmp_path}").glob("printed*"))) < 3:
+          time.sleep(0.01)
         sys.exit(3)
       time.sleep(60)  # the launcher must not wait for this
   """)

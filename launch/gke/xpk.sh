@@ -42,7 +42,8 @@ train="python -m nerveseg_jax.train"
 ((${#train_args[@]})) && train+=" $(quote_args "${train_args[@]}")"
 xpk=(xpk workload create --cluster="$CLUSTER" --workload="$JOB_NAME"
   --docker-image="$IMAGE" --max-restarts="$MAX_RESTARTS"
-  # Preemption is a pod failure; without this flag XPK would not restart for it.
+  # Training stopped by SIGTERM exits 143 after its checkpoint; XPK counts a non-zero
+  # exit as a user-code failure and restarts the workload for it only with this flag.
   --restart-on-user-code-failure
   --termination-grace-period-seconds="$GRACE_SECONDS")
 [[ -n "${PROJECT:-}" ]] && xpk+=(--project="$PROJECT")

@@ -1,1 +1,62 @@
 """Flax NNX models. Models know nothing of data, training or files."""
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from nerveseg_jax.models.inception_resnet_v2 import InceptionResNetV2
+from nerveseg_jax.models.unet import UNet
+
+__all__ = ["UNet", "InceptionResNetV2", "build_model", "MODEL_KEYS"]
+
+# Config keys each model accepts (besides `name`), with their defaults.
+MODEL_KEYS: dict[str, dict[str, Any]] = {
+    "unet": dict(in_channels=1, features=32, depth=4, block="double_conv", norm="batch",
+                 dropout=0.0, upsample="transpose", deep_supervision=False,
+                 presence_head=True),
+    "inception_resnet_v2": dict(in_channels=1, num_classes=1, dropout=0.0,
+                                include_top=True),
+}
+_CHOICES = {"block": ("double_conv", "residual"), "norm": ("batch", "group", "none"),
+            "upsample": ("transpose", "resize")}
+
+
+def _as_dict(model_cfg: Any) -> dict[str, Any]:
+  if hasattr(model_cfg, "to_dict"):
+    return model_cfg.to_dict()
+  if isinstance(model_cfg, Mapping):
+    return dict(model_cfg)
+  raise TypeError(f"model config must be a ConfigDict or mapping, got {type(model_cfg)}")
+
+
+def build_model(model_cfg: Any, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
+  """The model named by model_cfg.name, built from the rest of model_cfg's keys.
+
+  Parameters are float32; `dtype` is the compute dtype (bfloat16 for mixed precision).
+  Errors name the offending config key as `model.<key>`.
+  """
+  cfg = _as_dict(model_cfg)
+  name = cfg.pop("name", None)
+  if name not in MODEL_KEYS:
+    raise ValueError(f"config key model.name={name!r} is not one of {sorted(MODEL_KEYS)}")
+  known = MODEL_KEYS[name]
+  unknown = sorted(set(cfg) - set(known))
+  if unknown:
+    raise ValueError(f"unknown config key(s) {', '.join('model.' + k for k in unknown)} "
+                     f"for model.name={name!r}; known: {sorted(known)}")
+  kwargs = {**known, **cfg}
+  for key, choices in _CHOICES.items():
+    if key in known and kwargs[key] not in choices:
+      raise ValueError(f"config key model.{key}={kwargs[key]!r} is not one of {list(choices)}")
+  for key in ("in_channels", "features", "depth", "num_classes"):
+    if key in known and (isinstance(kwargs[key], bool) or not isinstance(kwargs[key], int)
+                         or kwargs[key] < 1):
+      raise ValueError(f"config key model.{key}={kwargs[key]!r} must be a positive integer")
+  if not 0.0 <= float(kwargs["dropout"]) < 1.0:
+    raise ValueError(f"config key model.dropout={kwargs['dropout']!r} must be in [0, 1)")
+  if name == "inception_resnet_v2" and kwargs["in_channels"] not in (1, 3):
+    raise ValueError(f"config key model.in_channels={kwargs['in_channels']} must be 1 or 3")
+  cls = UNet if name == "unet" else InceptionResNetV2
+  return cls(**kwargs, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nerveseg_jax.models.layers import BatchNorm
+
 BLOCKS = ("double_conv", "residual")
 NORMS = ("batch", "group", "none")
 UPSAMPLES = ("transpose", "resize")
@@ -44,7 +46,7 @@ class _Norm(nnx.Module):
     if kind == "batch":
       # 0.9 rather than Flax's 0.99: runs here are a few thousand steps from scratch,
       # and the running statistics must catch up with the weights well before the end.
-      self.norm = nnx.BatchNorm(channels, momentum=0.9, epsilon=1e-5, dtype=dtype,
+      self.norm = BatchNorm(channels, momentum=0.9, epsilon=1e-5, dtype=dtype,
                                 param_dtype=param_dtype, rngs=rngs)
     elif kind == "group":
       self.norm = nnx.GroupNorm(channels, num_groups=_num_groups(channels), epsilon=1e-5,
