@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from nerveseg_jax.configs import classifier as classifier_config
-from nerveseg_jax.models import InceptionResNetV2, build_model
+from nerveseg_jax.models import InceptionResNetV2, build_model, keras_import
 
 _forward = nnx.jit(lambda model, x: model(x))
 
@@ -42,8 +42,8 @@ def _fill(model: nnx.Module, seed: int = 0) -> nnx.Module:
 
 @pytest.fixture(scope="module")
 def notop() -> InceptionResNetV2:
-  return nnx.eval_shape(lambda: InceptionResNetV2(in_channels=3, include_top=False,
-                                                  rngs=nnx.Rngs(0)))
+  # The cached abstract model that keras_import builds on (shared with its tests).
+  return nnx.merge(*keras_import.abstract_notop(3, jnp.float32))
 
 
 @pytest.fixture(scope="module")

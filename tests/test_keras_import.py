@@ -95,13 +95,14 @@ def test_keras3_weights_h5_gives_same_state(keras_files, legacy_model):
     np.testing.assert_array_equal(a, b)
 
 
-def test_convert_cli_one_channel_loads_by_key_into_classifier(keras_files, legacy_model,
-                                                               capsys):
-  out = keras_files["tmp"] / "ckpt_gray"
-  rc = convert_keras.main(["--h5", str(keras_files["legacy"]), "--out", str(out),
-                           "--in_channels", "1"])
+def test_convert_cli_loads_by_key_into_gray_classifier(keras_files, legacy_model, capsys):
+  out = keras_files["tmp"] / "ckpt"
+  rc = convert_keras.main(["--h5", str(keras_files["legacy"]), "--out", str(out)])
   assert rc == 0, capsys.readouterr().err
-  assert "54,336,160 values" in capsys.readouterr().out  # 54,336,736 - 2 x 9 x 32
+  assert "54,336,736 values" in capsys.readouterr().out
+  # Converting again into the same directory must not overwrite it.
+  assert convert_keras.main(["--h5", str(keras_files["legacy"]), "--out", str(out)]) == 2
+  assert "already exists" in capsys.readouterr().err
   # What the classifier's init_from expects: the backbone plus a head the file lacks.
   expected = nnx.state(legacy_model).to_pure_dict()
   expected = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), expected)
@@ -109,6 +110,7 @@ def test_convert_cli_one_channel_loads_by_key_into_classifier(keras_files, legac
                                                                        jnp.float32)
   expected["head"] = {"kernel": jax.ShapeDtypeStruct((1536, 1), jnp.float32),
                       "bias": jax.ShapeDtypeStruct((1,), jnp.float32)}
+  # The RGB stem kernel is summed to the 1 gray channel at load time.
   found = ckpt_lib.load_init_from(out, expected)  # {'a/0/kernel': array} of keys found
   assert "head/kernel" not in found and "head/bias" not in found
   assert len(found) == len(jax.tree.leaves(expected)) - 2
@@ -132,18 +134,26 @@ def test_truncated_file_is_reported(keras_files, capsys):
 
 
 def test_missing_layers_are_named(keras_files):
-  layers = keras_files["layers"]
-  names = [n for n, _ in layers]
+  names = [n for n, _ in keras_files["layers"]]
   short = keras_files["tmp"] / "short.h5"
-  # The file ends before the last block8: its projection is the first thing missing.
-  _write_legacy_h5(short, layers[:names.index("block8_10_conv")])
+  shutil.copy(keras_files["legacy"], short)
+  # A listed layer whose weights are gone.
+  with h5py.File(short, "r+") as f:
+    del f["block8_10_conv"]
   with pytest.raises(keras_import.KerasImportError, match="block8_10_conv"):
     keras_import.build_from_keras(short)
+  # A file that ends before the last block8: its projection is the first thing missing.
+  with h5py.File(short, "r+") as f:
+    f.attrs["layer_names"] = np.array(
+        [n.encode() for n in names[:names.index("block8_10_conv")]])
+  with pytest.raises(keras_import.KerasImportError, match="'block8_10_conv' is missing"):
+    keras_import.build_from_keras(short)
   # Cut inside the auto-named layers: the error names the last conv that is there.
-  half = layers[:len(layers) // 2]
-  last_conv = [n for n, _ in half if n.startswith("conv2d")][-1]
-  _write_legacy_h5(short, half)
-  with pytest.raises(keras_import.KerasImportError, match=f"after '{last_conv}'"):
+  half = names[:len(names) // 2]
+  last_conv = [n for n in half if n.startswith("conv2d")][-1]
+  with h5py.File(short, "r+") as f:
+    f.attrs["layer_names"] = np.array([n.encode() for n in half])
+  with pytest.raises(keras_import.KerasImportError, match=f"truncated after '{last_conv}'"):
     keras_import.build_from_keras(short)
 
 
@@ -156,3 +166,13 @@ def test_wrong_shape_is_named(keras_files):
   with pytest.raises(keras_import.KerasImportError,
                      match=r"'conv_7b' kernel has shape \(1, 1, 2080, 1000\)"):
     keras_import.build_from_keras(wrong)
+
+
+def test_gray_import_sums_the_rgb_kernel():
+  kernel = nnx.Param(np.zeros((3, 3, 1, 4), np.float32))
+  rgb = np.random.default_rng(0).normal(size=(3, 3, 3, 4)).astype(np.float32)
+  keras_import._put(pathlib.Path("f.h5"), "conv2d", "kernel", kernel, rgb, sum_rgb=True)
+  np.testing.assert_allclose(kernel[...], rgb.sum(axis=2, keepdims=True), rtol=1e-6)
+  # Only the first conv is summed; elsewhere a channel mismatch is an error.
+  with pytest.raises(keras_import.KerasImportError, match=r"'conv2d_5' kernel"):
+    keras_import._put(pathlib.Path("f.h5"), "conv2d_5", "kernel", kernel, rgb)

@@ -56,11 +56,14 @@ def split_subjects(subjects: Iterable[int], num_folds: int,
   """
   k, f = check(num_folds, fold)
   folds = assign(subjects, k)
-  if f >= 0 and len(folds) < k:
-    raise ValueError(f"data.num_folds={k} is more than the {len(folds)} subjects in the "
-                     "data; lower data.num_folds")
   train = np.array(sorted(s for s, i in folds.items() if i != f), np.int32)
   val = np.array(sorted(s for s, i in folds.items() if i == f), np.int32)
+  # With fewer subjects than folds the last folds are empty; only an empty choice is
+  # an error (small demo sets may still use the default data.num_folds).
+  if f >= 0 and folds and not val.size:
+    raise ValueError(f"data.fold={f} holds no subject: the data have {len(folds)} "
+                     f"subjects for data.num_folds={k}; pick a fold below {len(folds)} "
+                     "or lower data.num_folds")
   return train, val
 
 

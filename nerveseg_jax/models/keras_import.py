@@ -17,6 +17,7 @@ keeps its initial value. For a 1-channel model the first kernel is summed over R
 which keeps the response to a gray image copied into R, G and B.
 """
 
+import functools
 import pathlib
 import re
 from typing import Any
@@ -43,6 +44,9 @@ def _text(value: Any) -> str:
 def _read_legacy(root: h5py.Group) -> dict[str, list[np.ndarray]]:
   out = {}
   for name in (_text(n) for n in root.attrs["layer_names"]):
+    if name not in root:
+      raise KerasImportError(f"layer {name!r} is listed in layer_names but its weights "
+                             "are missing (truncated file?)")
     group = root[name]
     names = [_text(w) for w in group.attrs.get("weight_names", [])]
     out[name] = [np.asarray(group[w]) for w in names]
@@ -72,6 +76,8 @@ def read_weights(path: str | pathlib.Path) -> dict[str, list[np.ndarray]]:
         return _read_legacy(root)
       if "layers" in root:
         return _read_keras3(root)
+  except KerasImportError as e:
+    raise KerasImportError(f"{path}: {e}") from e
   except (OSError, KeyError) as e:
     raise KerasImportError(f"{path}: not a readable Keras HDF5 weights file "
                            f"(truncated or another format?): {e}") from e
@@ -115,9 +121,10 @@ def _auto_layers(path, weights, prefix: str, count: int) -> list[str]:
                   if (m := _AUTO.match(name)) and m.group(1) == prefix and weights[name]))
   names = [name for _, name in found]
   if len(names) != count:
-    missing = f"the layers after {names[-1]!r} are missing" if names else "none found"
-    raise KerasImportError(f"{path}: {len(names)} auto-named {prefix} layers, Inception-"
-                           f"ResNet-v2 has {count} ({missing if len(names) < count else 'extra layers'})")
+    hint = (f"truncated after {names[-1]!r}, or not Inception-ResNet-v2 weights"
+            if names and len(names) < count else "not Inception-ResNet-v2 weights?")
+    raise KerasImportError(f"{path}: {len(names)} auto-named {prefix} layers with weights, "
+                           f"Inception-ResNet-v2 has {count} ({hint})")
   return names
 
 
@@ -127,7 +134,11 @@ def load_keras_weights(model: InceptionResNetV2, path: str | pathlib.Path) -> nn
   Raises KerasImportError naming the first layer that is missing or does not fit.
   """
   path = pathlib.Path(path).expanduser()
-  weights = read_weights(path)
+  return _load(model, path, read_weights(path))
+
+
+def _load(model: InceptionResNetV2, path: pathlib.Path,
+          weights: dict[str, list[np.ndarray]]) -> nnx.State:
   order = model.keras_order()
   convs = _auto_layers(path, weights, "conv2d", len(order))
   bns = _auto_layers(path, weights, "batch_normalization", len(order))
@@ -148,6 +159,14 @@ def load_keras_weights(model: InceptionResNetV2, path: str | pathlib.Path) -> nn
   return nnx.state(model)
 
 
+@functools.lru_cache(maxsize=4)
+def abstract_notop(in_channels: int = 3, dtype=jnp.float32) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, abstract state) of the no-top model; cached, as tracing it takes seconds."""
+  model = nnx.eval_shape(lambda: InceptionResNetV2(
+      in_channels=in_channels, include_top=False, dtype=dtype, rngs=nnx.Rngs(0)))
+  return nnx.split(model)
+
+
 def build_from_keras(path: str | pathlib.Path, *, in_channels: int = 3, dtype=jnp.float32
                      ) -> InceptionResNetV2:
   """A no-top InceptionResNetV2 holding the Keras weights of `path` (float32 params).
@@ -156,9 +175,10 @@ def build_from_keras(path: str | pathlib.Path, *, in_channels: int = 3, dtype=jn
   every array comes from the file. Arrays start as NaN so that anything the file did
   not cover would show up in the outputs rather than pass silently.
   """
-  model = nnx.eval_shape(lambda: InceptionResNetV2(
-      in_channels=in_channels, include_top=False, dtype=dtype, rngs=nnx.Rngs(0)))
-  state = nnx.state(model)
-  nnx.update(model, jax.tree.map(lambda a: np.full(a.shape, np.nan, a.dtype), state))
-  load_keras_weights(model, path)
+  path = pathlib.Path(path).expanduser()
+  weights = read_weights(path)  # first: a bad file fails before anything is built
+  graphdef, state = abstract_notop(int(in_channels), dtype)
+  state = jax.tree.map(lambda a: np.full(a.shape, np.nan, a.dtype), state)
+  model = nnx.merge(graphdef, state)
+  _load(model, path, weights)
   return model
