@@ -50,6 +50,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.data.source = "synthetic"
         c.data.synthetic_subjects = 4
         c.data.synthetic_frames = 12
+        c.data.num_folds = 4
         c.data.image_size = (75, 75)
         c.batch_size = 8
         c.eval_batch_size = 8

@@ -51,6 +51,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.data.source = "synthetic"
         c.data.synthetic_subjects = 4
         c.data.synthetic_frames = 12
+        c.data.num_folds = 4      # one held-out subject of the four
         c.data.image_size = (64, 96)
         c.model.features = 4
         c.model.depth = 2

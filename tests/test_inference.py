@@ -14,9 +14,10 @@ import pytest
 from nerveseg_jax import inference
 from nerveseg_jax.postprocess import Calibration
 
-# Long enough that the tiny smoke U-Net finds the synthetic nerves (the end-to-end tests
-# require beating an all-empty submission), short enough for a couple of CPU cores.
-SMOKE_STEPS = 120
+# The smoke config made just strong enough to find the synthetic nerves (the end-to-end
+# test requires beating an all-empty submission): measured val Dice on nerve frames
+# 0.90 after 150 steps, 0.0 after 80 (the U-Net first learns to predict empty masks).
+SMOKE_STEPS = 150
 _CACHE: dict[str, pathlib.Path] = {}
 
 
@@ -30,6 +31,8 @@ def trained_workdir(tmp_path_factory) -> pathlib.Path:
     config.data.data_dir = str(root / "tfds")
     config.data.manual_dir = str(root / "raw")
     config.num_train_steps = SMOKE_STEPS
+    config.learning_rate = 1e-2
+    config.model.features = 8
     config.eval_every_steps = SMOKE_STEPS // 2
     config.checkpoint_every_steps = SMOKE_STEPS // 2
     train.train_and_evaluate(config, root / "workdir")
