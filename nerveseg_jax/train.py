@@ -543,7 +543,10 @@ def main(argv: list[str]) -> None:
     result = train_and_evaluate(config, workdir)
   except tfds_source.DataNotFoundError as e:
     raise SystemExit(f"error: {e}") from None
-  except (ckpt_lib.CheckpointMismatchError, NonFiniteLossError) as e:
+  except (ckpt_lib.CheckpointMismatchError, NonFiniteLossError, ValueError,
+          FileNotFoundError) as e:
+    # User-caused errors name their config key or file; the traceback only at debug.
+    logging.debug("traceback", exc_info=True)
     raise SystemExit(f"error: {e}") from None
   shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
            if k != "history"}

@@ -32,14 +32,19 @@ def _batch():
   return jnp.asarray(image), jnp.asarray(mask)
 
 
-def _run(key, image, mask, cfg):
+_DEFAULT = jax.jit(lambda k, i, m: augment.augment(k, i, m, _cfg()))
+
+
+def _run(key, image, mask, cfg=None):
+  if cfg is None:  # one compilation shared by the tests of the default config
+    return _DEFAULT(key, image, mask)
   # ConfigDicts are not hashable; the jitted function closes over the config instead.
   return jax.jit(lambda k, i, m: augment.augment(k, i, m, cfg))(key, image, mask)
 
 
 def test_shapes_dtypes_binary_mask_and_range():
   image, mask = _batch()
-  out_i, out_m = _run(jax.random.key(0), image, mask, _cfg())
+  out_i, out_m = _run(jax.random.key(0), image, mask)
   assert out_i.shape == image.shape and out_i.dtype == jnp.float32
   assert out_m.shape == mask.shape and out_m.dtype == jnp.float32
   assert set(np.unique(np.asarray(out_m))) <= {0.0, 1.0}
@@ -49,9 +54,9 @@ def test_shapes_dtypes_binary_mask_and_range():
 
 def test_deterministic_in_the_key():
   image, mask = _batch()
-  a = _run(jax.random.key(1), image, mask, _cfg())
-  b = _run(jax.random.key(1), image, mask, _cfg())
-  c = _run(jax.random.key(2), image, mask, _cfg())
+  a = _run(jax.random.key(1), image, mask)
+  b = _run(jax.random.key(1), image, mask)
+  c = _run(jax.random.key(2), image, mask)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
@@ -94,8 +99,8 @@ def test_same_result_on_one_or_eight_devices():
   image, mask = _batch()
   mesh = jax.make_mesh((8, 1), ("data", "fsdp"))
   s = NamedSharding(mesh, P(("data", "fsdp")))
-  one = _run(jax.random.key(5), image, mask, _cfg())
-  many = _run(jax.random.key(5), jax.device_put(image, s), jax.device_put(mask, s), _cfg())
+  one = _run(jax.random.key(5), image, mask)
+  many = _run(jax.random.key(5), jax.device_put(image, s), jax.device_put(mask, s))
   assert many[0].sharding.spec[0] == ("data", "fsdp")
   # Same random numbers; the float ops may be fused differently per compilation, so
   # intensities agree to rounding and a mask pixel may only flip exactly at 0.5.

@@ -19,12 +19,13 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from nerveseg_jax import checkpoint, train
 from nerveseg_jax.configs import unet
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-STEPS = 40  # long enough that a signal sent after the first checkpoint lands mid-run
+STEPS = 30  # long enough that a signal sent after the first checkpoint lands mid-run
 # The runs here compile the same programs again and again (the resumed processes, the
 # reference): a persistent compilation cache shared by this process and its children
 # saves most of that. Keyed by program hash, so a stale entry is never reused wrongly.
@@ -209,16 +210,29 @@ def test_sigterm_then_sigkill_resume_bitwise(data_dir, reference, tmp_path):
   assert last["params_sha256"] == ref["params_sha256"]
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
-  cfg = smoke_config(data_dir, learning_rate=1e30, grad_clip_norm=0.0, warmup_steps=1,
-                     checkpoint_every_steps=1, num_train_steps=10, **{"data.fold": -1})
-  with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss .* at step \d+") as e:
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+  """A NaN injected into the batch of step 4: the run stops naming the step, saves nothing bad."""
+  from nerveseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  real = pipeline.TrainIterator
+
+  class Poisoned(real):
+    def __next__(self):
+      step = self.step
+      batch = super().__next__()
+      if step == 4:
+        batch = dict(batch, image=batch["image"] * np.float32("nan"))
+      return batch
+
+  monkeypatch.setattr(pipeline, "TrainIterator", Poisoned)
+  # The reference config (same compiled step), saving after every step.
+  cfg = smoke_config(data_dir, checkpoint_every_steps=1, **{"data.fold": -1})
+  with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss nan at step 4 ") as e:
     train.train_and_evaluate(cfg, tmp_path)
-  bad = int(re.search(r"at step (\d+)", str(e.value)).group(1))
-  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-  # Checkpoint k holds the state after k steps; the bad step's result was never saved.
-  assert steps and max(steps) <= bad
-  assert f"last good checkpoint is step {max(steps)}" in str(e.value)
+  # Checkpoint k holds the state after steps 0..k-1: 4 is the last good one.
+  assert _steps(tmp_path) and max(_steps(tmp_path)) == 4
+  assert "last good checkpoint is step 4" in str(e.value)
+  _, model = checkpoint.load_model(tmp_path, which="latest")
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
 
 
 def test_bfloat16_compute_trains(data_dir, tmp_path):
@@ -227,15 +241,14 @@ def test_bfloat16_compute_trains(data_dir, tmp_path):
   out = train.train_and_evaluate(cfg, tmp_path)
   assert np.isfinite(out["train_loss"]) and "val_kaggle_score" not in out
   _, model = checkpoint.load_model(tmp_path, which="latest")
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   assert {str(x.dtype) for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {"float32"}
 
 
 def test_missing_kaggle_download_is_one_message(tmp_path):
   p = subprocess.run(
       [sys.executable, "-m", "nerveseg_jax.train", "--config",
-       str(REPO / "configs" / "unet.py"), f"--workdir={tmp_path / 'w'}",
+       str(REPO / "configs" / "unet.py") + ":smoke", "--config.data.source=kaggle",
+       f"--workdir={tmp_path / 'w'}",
        f"--config.data.data_dir={tmp_path / 'tfds'}",
        f"--config.data.manual_dir={tmp_path / 'no_such_download.zip'}"],
       capture_output=True, text=True, timeout=120, cwd=REPO, env=SUBPROCESS_ENV)

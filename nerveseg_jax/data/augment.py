@@ -71,28 +71,29 @@ def _mirror(c: jax.Array, n: int) -> jax.Array:
 
 
 def _warp(x: jax.Array, coords: jax.Array) -> jax.Array:
-  """Bilinear sampling of x (B, H, W, C) at coords (B, 2, H, W), mirrored at the borders.
+  """Bilinear sampling of x (B, H, W) at coords (B, 2, H, W), mirrored at the borders.
 
-  One gather of the four neighbours of every output pixel on the flattened frames
-  (take_along_axis, all channels at once: image and mask share the indices). Unlike
-  vmap(map_coordinates) it keeps the batch sharding under explicit meshes too.
+  Per-example gathers on the flattened frame (take_along_axis). Unlike
+  vmap(map_coordinates) this keeps the batch sharding under explicit meshes, and on
+  CPU it measured ~1.8x faster than both map_coordinates and a single 4-neighbour,
+  2-channel gather (docs/data_pipeline.md).
   """
   # Mirroring keeps tissue texture at the borders instead of a black wedge that the
   # model could learn to key on; the mask is mirrored the same way, so labels agree.
-  b, h, w, c = x.shape
-  y = _mirror(coords[:, 0], h).reshape(b, h * w)
-  xx = _mirror(coords[:, 1], w).reshape(b, h * w)
+  b, h, w = x.shape
+  y = _mirror(coords[:, 0], h)
+  xx = _mirror(coords[:, 1], w)
   y0 = jnp.clip(jnp.floor(y), 0, h - 1)
   x0 = jnp.clip(jnp.floor(xx), 0, w - 1)
-  fy, fx = (y - y0)[..., None], (xx - x0)[..., None]
+  fy, fx = y - y0, xx - x0
   y0i, x0i = y0.astype(jnp.int32), x0.astype(jnp.int32)
   y1i, x1i = jnp.minimum(y0i + 1, h - 1), jnp.minimum(x0i + 1, w - 1)
-  idx = jnp.concatenate([y0i * w + x0i, y0i * w + x1i, y1i * w + x0i, y1i * w + x1i], axis=1)
-  v = jnp.take_along_axis(x.reshape(b, h * w, c), idx[..., None], axis=1)
-  v00, v01, v10, v11 = jnp.split(v, 4, axis=1)
-  top = v00 + (v01 - v00) * fx
-  bottom = v10 + (v11 - v10) * fx
-  return (top + (bottom - top) * fy).reshape(b, h, w, c)
+  flat = x.reshape(b, h * w)
+  at = lambda yi, xi: jnp.take_along_axis(flat, (yi * w + xi).reshape(b, h * w),
+                                          axis=1).reshape(b, h, w)
+  top = at(y0i, x0i) * (1 - fx) + at(y0i, x1i) * fx
+  bottom = at(y1i, x0i) * (1 - fx) + at(y1i, x1i) * fx
+  return top * (1 - fy) + bottom * fy
 
 
 def augment(rng: jax.Array, image: jax.Array, mask: jax.Array,
@@ -123,9 +124,9 @@ def augment(rng: jax.Array, image: jax.Array, mask: jax.Array,
 
   if p["rotate_deg"] > 0 or p["scale"] > 0 or p["translate"] > 0:
     coords = _affine_grid(k_aff, b, h, w, p)
-    xm = _warp(jnp.stack([x, m], axis=-1), coords)
+    x = _warp(x, coords)
     # Linear then threshold: the boundary moves with sub-pixel accuracy, unlike nearest.
-    x, m = xm[..., 0], (xm[..., 1] >= 0.5).astype(jnp.float32)
+    m = (_warp(m, coords) >= 0.5).astype(jnp.float32)
 
   u = jnp.clip(preprocess.to_unit(x), 0.0, 1.0)
   if p["gamma"] > 0:

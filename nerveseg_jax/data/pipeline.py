@@ -28,8 +28,8 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Iterator
 import weakref
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +79,7 @@ def _allgather_rows(x: np.ndarray) -> list[np.ndarray]:
   if jax.process_count() == 1:
     return [x]
   # Collectives want one shape everywhere: pad to the longest, then cut back.
-  counts = np.asarray(multihost_utils.process_allgather(np.array([len(x)], np.int64)))
+  counts = np.asarray(multihost_utils.process_allgather(np.array([len(x)], np.int32)))
   counts = counts.reshape(-1)
   dtype = np.uint8 if x.dtype == bool else x.dtype
   padded = np.zeros((int(counts.max()), *x.shape[1:]), dtype)
@@ -89,7 +89,9 @@ def _allgather_rows(x: np.ndarray) -> list[np.ndarray]:
 
 
 def _max_over_processes(n: int) -> int:
-  return max(len(part) for part in _allgather_rows(np.zeros((n, 0), np.uint8)))
+  if jax.process_count() == 1:
+    return n
+  return int(np.asarray(multihost_utils.process_allgather(np.array([n], np.int32))).max())
 
 
 # ----------------------------------------------------------------- load and cache
