@@ -258,3 +258,13 @@ def test_unknown_source_is_rejected(tmp_path):
   cfg.source, cfg.data_dir = "kagle", str(tmp_path)
   with pytest.raises(ValueError, match="data.source='kagle'"):
     tfds_source.build(cfg)
+
+
+def test_staged_kaggle_dataset_needs_no_download(tree, tmp_path):
+  # A cluster stages the prepared data_dir once; the hosts then train without the zip.
+  cfg = common.data_config()
+  cfg.source, cfg.data_dir, cfg.manual_dir = "kaggle", str(tmp_path / "d"), str(tree)
+  first = tfds_source.build(cfg)
+  cfg.manual_dir = ""
+  again = tfds_source.build(cfg)
+  assert again.is_prepared() and again.data_dir == first.data_dir

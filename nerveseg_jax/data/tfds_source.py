@@ -129,6 +129,11 @@ def build(data_cfg: ml_collections.ConfigDict):
   with _locked(data_dir, f"ultrasound_nerve_{source}"):
     if source == "kaggle":
       config, build_dir = "kaggle", data_dir
+      # A data_dir staged once (e.g. on shared storage for a cluster) needs no download
+      # on every host: only an unprepared dataset asks for data.manual_dir.
+      prepared = und.Builder(config=config, data_dir=str(build_dir))
+      if prepared.is_prepared():
+        return prepared
       manual = _kaggle_manual_dir(data_cfg, data_dir)
     elif source == "folder":
       if not data_cfg.manual_dir:
