@@ -32,8 +32,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from nerveseg_jax import postprocess, rle
 from nerveseg_jax.postprocess import Calibration
 
-NO_NERVE = "No nerve found"
-NERVE_FOUND = "Nerve found"
+NO_NERVE = postprocess.NO_NERVE
+NERVE_FOUND = postprocess.NERVE_FOUND
 CLASSIFIER_MODELS = ("inception_resnet_v2",)
 
 
@@ -209,7 +209,13 @@ class Predictor:
                          f"{self.classifier.name!r} is not a classifier "
                          f"({', '.join(CLASSIFIER_MODELS)})")
     if calibration is None:
-      calibration = postprocess.load_calibration(self.workdirs[0]) or Calibration()
+      calibration = postprocess.load_calibration(self.workdirs[0])
+      if calibration is not None and (len(self.workdirs) > 1 or self.classifier):
+        # Thresholds chosen for one run's probabilities; an ensemble or a classifier
+        # shifts them. Still the best available guess, so use it, but say so.
+        log(f"note: {self.workdirs[0] / postprocess.CALIBRATION_FILE} was calibrated for "
+            "that run alone, not for this ensemble / classifier")
+      calibration = calibration or Calibration()
     self.calibration = calibration
 
     # Shard the batch over the local devices when it divides evenly; else one device.

@@ -25,6 +25,9 @@ import numpy as np
 from scipy import ndimage
 
 CALIBRATION_FILE = "calibration.json"
+# What every face shows for a frame judged empty (the wording).
+NO_NERVE = "No nerve found"
+NERVE_FOUND = "Nerve found"
 # Candidate settings. Presence 1.0 means "never", i.e. an all-empty submission is in
 # the grid too. Min areas are fractions of the frame, scaled to source pixels.
 MASK_THRESHOLDS = tuple(np.round(np.arange(0.2, 0.801, 0.05), 3).tolist())

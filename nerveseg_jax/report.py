@@ -18,8 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from nerveseg_jax import imageio
-
-NO_NERVE = "No nerve found"
+from nerveseg_jax.postprocess import NO_NERVE
 
 
 @dataclasses.dataclass
