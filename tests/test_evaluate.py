@@ -7,18 +7,17 @@ import numpy as np
 import pytest
 
 from nerveseg_jax import evaluate, postprocess
-from test_inference import calibrated_workdir, trained_workdir  # the shared smoke run
 
 
 @pytest.fixture(scope="module")
-def run_root(tmp_path_factory):
-  return trained_workdir(tmp_path_factory)
+def run_root(smoke_run):
+  return smoke_run
 
 
 @pytest.fixture(scope="module")
-def val_eval(tmp_path_factory):
+def val_eval(calibrated_run):
   """A copy of the run after `python -m nerveseg_jax.evaluate --workdir DIR` (val fold)."""
-  return calibrated_workdir(tmp_path_factory)
+  return calibrated_run
 
 
 def test_validation_metrics_and_calibration(val_eval):

@@ -1,10 +1,8 @@
 """The one predict function: against the model run by hand, ensembles, TTA, padding.
 
-Also home of `trained_workdir`, the short synthetic training run that the inference,
-evaluate and predict tests share (trained once per test process).
+The short synthetic training run these tests share is conftest's `smoke_run`.
 """
 
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -14,47 +12,9 @@ import pytest
 from nerveseg_jax import inference
 from nerveseg_jax.postprocess import Calibration
 
-# The smoke config made just strong enough to find the synthetic nerves (the end-to-end
-# test requires beating an all-empty submission): measured val Dice on nerve frames
-# 0.90 after 150 steps, 0.0 after 80 (the U-Net first learns to predict empty masks).
-SMOKE_STEPS = 150
-_CACHE: dict[str, pathlib.Path] = {}
-
-
-def trained_workdir(tmp_path_factory) -> pathlib.Path:
-  """Root holding workdir/ (a trained smoke run) and raw/ (its synthetic Kaggle tree)."""
-  if "root" not in _CACHE:
-    from nerveseg_jax import train
-    from nerveseg_jax.configs import unet
-    root = tmp_path_factory.mktemp("smoke_run")
-    config = unet.get_config("smoke")
-    config.data.data_dir = str(root / "tfds")
-    config.data.manual_dir = str(root / "raw")
-    config.num_train_steps = SMOKE_STEPS
-    config.learning_rate = 1e-2
-    config.model.features = 8
-    config.eval_every_steps = SMOKE_STEPS // 2
-    config.checkpoint_every_steps = SMOKE_STEPS // 2
-    train.train_and_evaluate(config, root / "workdir")
-    _CACHE["root"] = root
-  return _CACHE["root"]
-
-
-def calibrated_workdir(tmp_path_factory) -> pathlib.Path:
-  """A copy of the smoke run, evaluated and calibrated on its validation fold."""
-  if "calibrated" not in _CACHE:
-    import shutil
-    from nerveseg_jax import evaluate
-    workdir = tmp_path_factory.mktemp("calibrated") / "workdir"
-    shutil.copytree(trained_workdir(tmp_path_factory) / "workdir", workdir)
-    assert evaluate.main(["--workdir", str(workdir)]) == 0
-    _CACHE["calibrated"] = workdir
-  return _CACHE["calibrated"]
-
-
 @pytest.fixture(scope="module")
-def run_root(tmp_path_factory):
-  return trained_workdir(tmp_path_factory)
+def run_root(smoke_run):
+  return smoke_run
 
 
 def _frames(run_root, n=5):

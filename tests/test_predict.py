@@ -65,9 +65,8 @@ def test_list_inputs_orders_numbers_and_ignores_masks(tmp_path):
 # ------------------------------------------------------------------ end to end
 
 @pytest.fixture(scope="module")
-def calibrated(tmp_path_factory):
-  from test_inference import calibrated_workdir, trained_workdir
-  return trained_workdir(tmp_path_factory), calibrated_workdir(tmp_path_factory)
+def calibrated(smoke_run, calibrated_run):
+  return smoke_run, calibrated_run
 
 
 def test_predict_folder_end_to_end(calibrated, tmp_path, capsys):
