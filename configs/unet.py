@@ -8,7 +8,16 @@ Variants, chosen with configs/unet.py:VARIANT
   synthetic  the embedded demo: generates a synthetic Kaggle-layout set on first use.
   smoke      a tiny model for tests.
   folder     a user's own images/ + masks/ folder (set data.manual_dir).
-Expected result: filled in by the training issue with measured figures.
+
+Demo command and expected result (no download needed):
+  python -m nerveseg_jax.train --config configs/unet.py:synthetic
+    -> runs/unet_synthetic; validation (fold 0 of the 10 synthetic subjects) Kaggle score
+       ~0.95, Dice on nerve frames ~0.95, presence accuracy ~0.97 from step 300
+       (measured: 0.952 / 0.946 / 0.975; 0.75 s/step and 36 s compile on a shared 2-core
+       CPU shared with other jobs: about 7 minutes in all, data generation included).
+  Smoke (tests): configs/unet.py:smoke trains 20 steps of a 4-feature U-Net at 64x96; the
+  loss drops, the scores mean nothing.
+Real data: the Kaggle-scale result is reported in the README (issue 4, item 8).
 """
 
 import ml_collections
@@ -41,7 +50,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.model.depth = 3
         c.batch_size = 16
         c.eval_batch_size = 32
-        c.num_train_steps = 400
+        c.num_train_steps = 300
         c.warmup_steps = 20
         c.learning_rate = 3e-3
         c.log_every_steps = 20

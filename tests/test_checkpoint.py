@@ -1,5 +1,6 @@
 """Checkpoints: best/latest, half-written steps, mismatched models, init_from by key."""
 
+import functools
 import json
 import re
 
@@ -19,12 +20,18 @@ def _config(features=4):
   return c
 
 
-def _fresh_state(config):
+@functools.lru_cache(maxsize=None)
+def _fresh_state_cached(features):
+  config = _config(features)
   mesh = sharding.make_mesh(config.mesh)
   tx, _ = train.make_optimizer(config)
   parts = train.model_parts(config)
-  state, shardings = train.init_state(config, parts, tx, mesh)
-  return state, shardings
+  return train.init_state(config, parts, tx, mesh)
+
+
+def _fresh_state(config):
+  """The train state of a smoke U-Net (arrays are immutable, so one per width is shared)."""
+  return _fresh_state_cached(int(config.model.features))
 
 
 def _write_run(workdir, config, scores):

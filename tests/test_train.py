@@ -178,6 +178,7 @@ def _steps(workdir):
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+@pytest.mark.slow
 def test_sigterm_then_sigkill_resume_bitwise(data_dir, reference, tmp_path):
   """Preempted (SIGTERM), resumed, crashed (SIGKILL), resumed: same params as straight."""
   _, ref = reference
