@@ -551,6 +551,11 @@ def main(argv: list[str]) -> None:
   shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
            if k != "history"}
   print(f"done: {workdir}: {shown}")
+  if result.get("preempted"):
+    # 128 + SIGTERM, as if the signal had ended the process: schedulers (SLURM requeue,
+    # JobSet/XPK restart policies) then restart the job, which resumes from the workdir.
+    print(f"preempted: checkpoint saved in {workdir}; run the same command to resume")
+    raise SystemExit(143)
 
 
 def _config_arg(argv: list[str]) -> str:

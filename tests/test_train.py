@@ -186,7 +186,7 @@ def test_sigterm_then_sigkill_resume_bitwise(data_dir, reference, tmp_path):
   _wait_for_checkpoint(proc, tmp_path, 10)
   proc.send_signal(signal.SIGTERM)
   rc, out, err = _finish(proc)
-  assert rc == 0, err[-3000:]
+  assert rc == 143, err[-3000:]  # 128 + SIGTERM, so schedulers requeue the job
   first = run_result(out)
   assert first["preempted"] == "True", "SIGTERM arrived after the run ended"
   stopped = int(first["step"])
