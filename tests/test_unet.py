@@ -149,3 +149,15 @@ def test_build_model_from_config_and_errors():
     build_model(dict(name="vgg"), dtype=jnp.float32, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"model\.depth"):
     build_model(dict(name="unet", depth=0), dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fast_transposed_conv_equals_conv_transpose(dtype):
+  # The matmul + depth-to-space form must be the very same op as nnx.ConvTranspose.
+  from nerveseg_jax.models import unet as unet_lib
+  up = unet_lib._Up(6, 5, "transpose", dtype=dtype, param_dtype=jnp.float32,
+                    rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 7, 9, 6))
+  ref, fast = up.conv(x), up(x)
+  assert fast.shape == (2, 14, 18, 5) and fast.dtype == ref.dtype
+  np.testing.assert_array_equal(np.asarray(fast, np.float32), np.asarray(ref, np.float32))

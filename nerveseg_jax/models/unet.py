@@ -116,7 +116,29 @@ class _Up(nnx.Module):
     if self.kind == "resize":
       b, h, w, c = x.shape
       x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method="bilinear")
-    return self.conv(x)
+      return self.conv(x)
+    return _transpose_2x2(self.conv, x)
+
+
+def _transpose_2x2(conv: nnx.ConvTranspose, x: jax.Array) -> jax.Array:
+  """The 2x2 stride-2 transposed conv as one matmul plus a depth-to-space reshape.
+
+  Same parameters and result as conv(x): each output pixel (2i+a, 2j+b) sees exactly
+  one input pixel, through kernel tap (1-a, 1-b) (lax.conv_transpose flips the
+  kernel). But XLA:CPU lowers lax.conv_transpose
+  to a conv over a zero-dilated input, 4x the work: this form made the whole U-Net
+  training step about 2x faster on CPU (docs/performance.md); on GPU/TPU it is a plain
+  matmul too.
+  """
+  kernel = conv.kernel[...][::-1, ::-1]
+  bias = conv.bias[...] if conv.bias is not None else None
+  dtype = conv.dtype or jnp.result_type(x, kernel)
+  x, kernel = x.astype(dtype), kernel.astype(dtype)
+  b, h, w, _ = x.shape
+  y = jnp.einsum("nhwc,abco->nhawbo", x, kernel).reshape(b, 2 * h, 2 * w, kernel.shape[-1])
+  if bias is not None:
+    y = y + bias.astype(dtype)
+  return y
 
 
 class UNet(nnx.Module):
