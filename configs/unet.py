@@ -72,9 +72,23 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.log_every_steps = 5
         c.eval_every_steps = 10
         c.checkpoint_every_steps = 10
+      elif variant == "torch_reference":
+        # The architecture and step of ../shared/bench/torch_unet_reference.py, for the
+        # side-by-side benchmark (docs/performance.md): plain U-Net 32..512, BCE only,
+        # Adam (AdamW without decay), no clipping, no augmentation, 16 x 128x128, fp32.
+        c.data.source = "synthetic"
+        c.data.image_size = (128, 128)
+        c.model.update(features=32, depth=4, block="double_conv", norm="none",
+                       upsample="transpose", presence_head=False, deep_supervision=False)
+        c.loss.update(bce=1.0, dice=0.0, presence=0.0, deep=0.0)
+        c.data.augment.enabled = False
+        c.batch_size = 16
+        c.weight_decay = 0.0
+        c.grad_clip_norm = 0.0
+        c.warmup_steps = 0
       elif variant == "folder":
         c.data.source = "folder"
       else:
         raise ValueError(f"configs/unet.py: unknown variant {variant!r}; "
-                         "known: synthetic, smoke, folder")
+                         "known: synthetic, smoke, folder, torch_reference")
   return c

@@ -244,6 +244,25 @@ def make_train_step(config, parts: ModelParts, tx, schedule):
   return step_fn
 
 
+def jit_train_step(config, parts: ModelParts, tx, schedule, mesh, shardings):
+  """The train step jitted with explicit shardings; the state and health are donated.
+
+  Shared by train_and_evaluate and the benchmark, so both measure the same program.
+  """
+  repl = sharding.replicated(mesh)
+  batch_shardings = {"image": sharding.batch_sharding(mesh, 4),
+                     "mask": sharding.batch_sharding(mesh, 4),
+                     "has_nerve": sharding.batch_sharding(mesh, 1)}
+  return jax.jit(make_train_step(config, parts, tx, schedule),
+                 in_shardings=(shardings, repl, batch_shardings),
+                 out_shardings=(shardings, repl, repl, repl), donate_argnums=(0, 1))
+
+
+def initial_health(mesh) -> jax.Array:
+  """(first bad step, its loss); -1 while every step was finite."""
+  return jax.device_put(jnp.array([-1.0, 0.0], jnp.float32), sharding.replicated(mesh))
+
+
 def make_eval_step(config, parts: ModelParts):
   classifier = _is_classifier(config)
   loss_cfg = None if classifier else dict(config.loss)
@@ -393,16 +412,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     train_iter = pipeline.TrainIterator(train_arrays, int(config.batch_size), mesh,
                                         seed=int(config.seed), start_step=start)
 
-    repl = sharding.replicated(mesh)
-    health_sharding = repl
-    step_fn = make_train_step(config, parts, tx, schedule)
-    batch_shardings = {"image": sharding.batch_sharding(mesh, 4),
-                       "mask": sharding.batch_sharding(mesh, 4),
-                       "has_nerve": sharding.batch_sharding(mesh, 1)}
-    jit_step = jax.jit(step_fn, in_shardings=(shardings, health_sharding, batch_shardings),
-                       out_shardings=(shardings, health_sharding, repl, repl),
-                       donate_argnums=(0, 1))
-    health = jax.device_put(jnp.array([-1.0, 0.0], jnp.float32), health_sharding)
+    jit_step = jit_train_step(config, parts, tx, schedule, mesh, shardings)
+    health = initial_health(mesh)
 
     first = next(train_iter)
     batch_abstract = {k: jax.ShapeDtypeStruct(first[k].shape, first[k].dtype,

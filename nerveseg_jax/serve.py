@@ -1,0 +1,116 @@
+"""The clinician's page: upload ultrasound frames, see the nerve or "No nerve found".
+
+  python -m nerveseg_jax.serve --workdir DIR [--workdir DIR2 ...] \
+      [--classifier_workdir DIR3] [--host 127.0.0.1] [--port 8000] \
+      [--max_upload_mb 20] [--max_pixels 16777216] [--tta] [--batch_size 1]
+
+Loads the runs and compiles the jitted inference once, then prints
+"ready on http://HOST:PORT". Open that address in a browser, or use the API:
+POST /api/segment (multipart field `file`) and GET /healthz. See docs/serve.md.
+Binds to 127.0.0.1 unless told otherwise: the app has no log-in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import threading
+from typing import Sequence
+
+from nerveseg_jax import inference, webapp
+
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m nerveseg_jax.serve",
+                              description=__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", action="append", required=True,
+                 help="segmentation run; repeat to ensemble")
+  p.add_argument("--classifier_workdir", default=None,
+                 help="classifier run that decides nerve presence")
+  p.add_argument("--host", default="127.0.0.1",
+                 help="address to bind; 0.0.0.0 exposes the page to the network")
+  p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one")
+  p.add_argument("--max_upload_mb", type=float, default=20.0,
+                 help="largest accepted file, in MB (413 above)")
+  p.add_argument("--max_pixels", type=int, default=webapp.Limits.max_pixels,
+                 help="largest accepted image, width x height (413 above)")
+  p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
+  p.add_argument("--batch_size", type=int, default=1,
+                 help="frames per device call; requests arriving together share a batch "
+                      "(raise it on an accelerator with many users)")
+  p.add_argument("--which", choices=("best", "latest"), default="best",
+                 help="checkpoint of each run")
+  args = p.parse_args(argv)
+  if not 0 <= args.port <= 65535:
+    p.error(f"--port must be in 0..65535, got {args.port}")
+  if args.max_upload_mb <= 0:
+    p.error(f"--max_upload_mb must be > 0, got {args.max_upload_mb}")
+  if args.max_pixels < 1:
+    p.error(f"--max_pixels must be > 0, got {args.max_pixels}")
+  if args.batch_size < 1:
+    p.error(f"--batch_size must be >= 1, got {args.batch_size}")
+  return args
+
+
+def _check_workdirs(args: argparse.Namespace) -> None:
+  """Fails fast, before binding a port, on workdirs that cannot be runs."""
+  dirs = [("--workdir", w) for w in args.workdir]
+  if args.classifier_workdir:
+    dirs.append(("--classifier_workdir", args.classifier_workdir))
+  for flag, d in dirs:
+    path = pathlib.Path(d).expanduser()
+    if not (path / "config.json").is_file():
+      raise FileNotFoundError(f"{flag} {path}: no config.json; is this a training workdir?")
+
+
+def _announce(server, worker: webapp.InferenceWorker, host: str) -> None:
+  """Prints "ready on ..." once the port is bound and the model compiled; else stops."""
+  worker.done.wait()
+  if worker.state != "ready":
+    print(f"error: {worker.error}", file=sys.stderr, flush=True)
+    server.should_exit = True
+    return
+  while not server.started:
+    if server.should_exit:
+      return
+    threading.Event().wait(0.05)
+  port = server.servers[0].sockets[0].getsockname()[1]
+  shown = f"[{host}]" if ":" in host else host
+  inference.log(worker.predictor.describe())
+  print(f"ready on http://{shown}:{port}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  try:
+    _check_workdirs(args)
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  import uvicorn  # pylint: disable=g-import-not-at-top
+
+  def load() -> inference.Predictor:
+    return inference.Predictor(args.workdir, args.classifier_workdir, tta=args.tta,
+                               batch_size=args.batch_size, which=args.which)
+
+  limits = webapp.Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                         max_pixels=args.max_pixels)
+  app = webapp.create_app(load, limits)
+  if args.host not in _LOCAL_HOSTS:
+    inference.log(f"warning: --host {args.host} serves the page beyond this machine, "
+                  "with no log-in; put it behind an authenticating proxy")
+  inference.log("loading and compiling the runs ...")
+  server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                         log_level="warning", timeout_graceful_shutdown=5))
+  threading.Thread(target=_announce, args=(server, app.state.worker, args.host),
+                   daemon=True).start()
+  server.run()
+  worker = app.state.worker
+  return 1 if worker.state == "error" else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,243 @@
+// The clinician's page: one request per file, so one bad file never loses the others.
+// Everything user-provided is written with textContent, never as HTML.
+"use strict";
+
+(() => {
+  const ACCEPTED = /\.(tiff?|png|jpe?g)$/i;
+  const PARALLEL = 2;  // uploads in flight; the server runs inference one batch at a time
+
+  const el = (id) => document.getElementById(id);
+  const state = {
+    maxUploadBytes: 20 * 1024 * 1024,
+    ready: false,
+    queue: [],      // {file, card} waiting to be sent
+    active: 0,
+    results: [],    // {card, name, rle} in the order added
+  };
+
+  // --- server status -------------------------------------------------------------------
+
+  function setStatus(kind, text) {
+    const box = el("status");
+    box.className = `status status-${kind}`;
+    el("status-text").textContent = text;
+  }
+
+  async function pollHealth() {
+    try {
+      const response = await fetch("/healthz", {cache: "no-store"});
+      const body = await response.json();
+      if (body.max_upload_bytes) {
+        state.maxUploadBytes = body.max_upload_bytes;
+        el("limit-mb").textContent = formatMb(body.max_upload_bytes);
+      }
+      if (response.ok && body.status === "ready") {
+        state.ready = true;
+        setStatus("ready", "Model ready");
+        pump();
+        return;
+      }
+      if (body.status === "error") {
+        setStatus("error", "Model failed to load: " + (body.error || "see server log"));
+        failQueued("The model failed to load on the server.");
+        return;
+      }
+      setStatus("loading", "Loading model…");
+    } catch (err) {
+      setStatus("error", "Server not reachable");
+    }
+    setTimeout(pollHealth, 1000);
+  }
+
+  // --- adding files ----------------------------------------------------------------------
+
+  function addFiles(fileList) {
+    const files = Array.from(fileList || []);
+    if (!files.length) return;
+    el("toolbar").hidden = false;
+    for (const file of files) {
+      const card = makeCard(file.name);
+      el("results").appendChild(card);
+      if (!ACCEPTED.test(file.name) && !(file.type || "").startsWith("image/")) {
+        showError(card, `${file.name}: not a TIFF, PNG or JPEG file.`);
+      } else if (file.size > state.maxUploadBytes) {
+        showError(card, `${file.name}: file too large (${formatMb(file.size)} MB); ` +
+                  `the limit is ${formatMb(state.maxUploadBytes)} MB.`);
+      } else {
+        state.queue.push({file, card});
+      }
+    }
+    updateSummary();
+    pump();
+  }
+
+  function pump() {
+    while (state.ready && state.active < PARALLEL && state.queue.length) {
+      const job = state.queue.shift();
+      state.active += 1;
+      upload(job).finally(() => {
+        state.active -= 1;
+        updateSummary();
+        pump();
+      });
+    }
+  }
+
+  function failQueued(message) {
+    for (const job of state.queue.splice(0)) showError(job.card, `${job.file.name}: ${message}`);
+    updateSummary();
+  }
+
+  async function upload({file, card}) {
+    const form = new FormData();
+    form.append("file", file, file.name);
+    let response, body;
+    try {
+      response = await fetch("/api/segment", {method: "POST", body: form});
+    } catch (err) {
+      showError(card, `${file.name}: the server could not be reached (${err.message}).`);
+      return;
+    }
+    try {
+      body = await response.json();
+    } catch (err) {
+      body = {error: `unexpected answer from the server (HTTP ${response.status})`};
+    }
+    if (!response.ok) {
+      showError(card, body.error || `HTTP ${response.status}`);
+      return;
+    }
+    showResult(card, body);
+  }
+
+  // --- cards -----------------------------------------------------------------------------
+
+  function makeCard(filename) {
+    const card = el("card-template").content.firstElementChild.cloneNode(true);
+    card.querySelector(".filename").textContent = filename;
+    card.querySelector(".select").addEventListener("change", updateSummary);
+    return card;
+  }
+
+  function showError(card, message) {
+    card.className = "card failed";
+    const badge = card.querySelector(".badge");
+    badge.textContent = "Could not analyse";
+    const box = card.querySelector(".error");
+    box.textContent = message;
+    box.hidden = false;
+    card.querySelector(".select").checked = false;
+  }
+
+  function showResult(card, r) {
+    const found = Boolean(r.nerve_found);
+    card.className = `card done ${found ? "found" : "none"}`;
+    card.querySelector(".badge").textContent = r.message;
+    const png = (b64) => `data:image/png;base64,${b64}`;
+    card.querySelector(".original").src = png(r.images.original);
+    card.querySelector(".overlay").src = png(r.images.overlay);
+    card.querySelector(".views").hidden = false;
+
+    card.querySelector(".presence").textContent = `${r.presence_percent.toFixed(1)} %`;
+    card.querySelector(".meter-fill").style.width = `${Math.max(0, Math.min(100, r.presence_percent))}%`;
+    const pct = (100 * r.area_fraction).toFixed(2);
+    card.querySelector(".area").textContent = found
+      ? `${r.area.toLocaleString()} px (${pct} % of frame)` : "0 px (no nerve found)";
+    card.querySelector(".size").textContent = `${r.width} × ${r.height} px`;
+    card.querySelector(".facts").hidden = false;
+
+    const link = card.querySelector(".download-mask");
+    link.href = png(r.images.mask);
+    link.download = `${r.name}_mask.png`;
+    card.querySelector(".card-actions").hidden = false;
+
+    const select = card.querySelector(".select");
+    select.disabled = false;
+    state.results.push({card, name: r.name, rle: r.rle});
+  }
+
+  function updateSummary() {
+    const cards = el("results").children.length;
+    const done = state.results.length;
+    const failed = el("results").querySelectorAll(".card.failed").length;
+    const found = el("results").querySelectorAll(".card.found").length;
+    const pending = cards - done - failed;
+    const parts = [`${cards} file${cards === 1 ? "" : "s"}`];
+    if (pending) parts.push(`${pending} analysing`);
+    parts.push(`${found} with nerve`, `${done - found} without`);
+    if (failed) parts.push(`${failed} could not be analysed`);
+    el("summary").textContent = parts.join(" · ");
+    const selected = selectedResults().length;
+    const button = el("download-csv");
+    button.disabled = selected === 0;
+    button.textContent = `Download CSV (${selected})`;
+  }
+
+  function selectedResults() {
+    return state.results.filter((r) => r.card.isConnected && r.card.querySelector(".select").checked);
+  }
+
+  // --- downloads -------------------------------------------------------------------------
+
+  // Kaggle's order: '2' before '10', '1_2' before '1_10'.
+  function naturalCompare(a, b) {
+    return a.localeCompare(b, undefined, {numeric: true, sensitivity: "base"});
+  }
+
+  function csvField(text) {
+    return /[",\n\r]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
+  }
+
+  function downloadCsv() {
+    const rows = selectedResults().slice().sort((a, b) => naturalCompare(a.name, b.name));
+    const lines = ["img,pixels", ...rows.map((r) => `${csvField(r.name)},${r.rle}`)];
+    const blob = new Blob([lines.join("\n") + "\n"], {type: "text/csv"});
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(blob);
+    link.download = "submission.csv";
+    document.body.appendChild(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+  }
+
+  function clearAll() {
+    state.queue.length = 0;
+    state.results = [];
+    el("results").replaceChildren();
+    el("toolbar").hidden = true;
+    updateSummary();
+  }
+
+  function formatMb(bytes) {
+    return (bytes / (1024 * 1024)).toFixed(bytes < 1024 * 1024 ? 2 : 1).replace(/\.0+$/, "");
+  }
+
+  // --- wiring ----------------------------------------------------------------------------
+
+  function init() {
+    const zone = el("dropzone");
+    const input = el("file-input");
+    el("choose").addEventListener("click", (e) => { e.stopPropagation(); input.click(); });
+    zone.addEventListener("click", () => input.click());
+    zone.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); }
+    });
+    input.addEventListener("change", () => { addFiles(input.files); input.value = ""; });
+    for (const type of ["dragenter", "dragover"]) {
+      zone.addEventListener(type, (e) => { e.preventDefault(); zone.classList.add("over"); });
+    }
+    for (const type of ["dragleave", "drop"]) {
+      zone.addEventListener(type, (e) => { e.preventDefault(); zone.classList.remove("over"); });
+    }
+    zone.addEventListener("drop", (e) => addFiles(e.dataTransfer && e.dataTransfer.files));
+    // A file dropped beside the zone must not navigate away from the results.
+    window.addEventListener("dragover", (e) => e.preventDefault());
+    window.addEventListener("drop", (e) => e.preventDefault());
+    el("download-csv").addEventListener("click", downloadCsv);
+    el("clear").addEventListener("click", clearAll);
+    pollHealth();
+  }
+
+  document.addEventListener("DOMContentLoaded", init);
+})();
