@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pathlib
+
+from etils import epath
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +35,18 @@ class CheckpointMismatchError(ValueError):
   """A config or model does not fit the checkpoint it is asked to use."""
 
 
+def as_path(path: str | os.PathLike) -> epath.Path:
+  """A workdir or checkpoint path: local ones absolute, remote ones (gs://...) kept whole.
+
+  pathlib would collapse 'gs://bucket/run' into 'gs:/bucket/run'; epath keeps the
+  scheme and reads and writes through the matching file system, like Orbax and TFDS.
+  """
+  text = os.fspath(path)
+  if "://" in text:
+    return epath.Path(text)
+  return epath.Path(pathlib.Path(text).expanduser().absolute())
+
+
 def _metric_or_neg_inf(metrics: Mapping[str, Any], key: str) -> float:
   value = metrics.get(key) if metrics else None
   if value is None or not math.isfinite(float(value)):
@@ -44,7 +59,7 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-  path = pathlib.Path(workdir) / CONFIG_FILE
+  path = as_path(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: is {workdir} a training workdir?")
   return ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -121,7 +136,7 @@ class TrainCheckpointer:
   """The CheckpointManager of one training run: latest N plus the best by val score."""
 
   def __init__(self, workdir: str | pathlib.Path, *, keep: int, best_metric: str):
-    self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+    self.directory = as_path(workdir) / CHECKPOINT_DIR
     self.best_metric = best_metric
     best = lambda m: _metric_or_neg_inf(m, best_metric)
     policy = ocm.AnyPreservationPolicy([
@@ -200,7 +215,7 @@ def load_init_from(path: str | pathlib.Path, expected: Mapping[str, Any]) -> dic
   1-channel model is summed over RGB, which keeps the response to gray input.
   Returns {path_str: numpy array} for the keys that were found.
   """
-  path = pathlib.Path(path).expanduser().absolute()
+  path = as_path(path)
   if not path.exists():
     raise FileNotFoundError(f"init_from: checkpoint {path} does not exist")
   raw = _numpy_restore(path)
@@ -270,7 +285,7 @@ def load_model(workdir: str | pathlib.Path, *, which: str = "best"
   """
   from nerveseg_jax import models  # pylint: disable=g-import-not-at-top
 
-  workdir = pathlib.Path(workdir).expanduser().absolute()
+  workdir = as_path(workdir)
   config = read_config(workdir)
   directory = workdir / CHECKPOINT_DIR
   step = _select_step(directory, which)

@@ -364,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """Trains (resuming from WORKDIR/checkpoints if any) and returns the final metrics."""
   from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed()
-  workdir = pathlib.Path(workdir).expanduser().absolute()
+  workdir = ckpt_lib.as_path(workdir)
   mesh = sharding.make_mesh(config.mesh)
   validate_config(config, mesh.size)
   classifier = _is_classifier(config)
@@ -548,8 +548,8 @@ def main(argv: list[str]) -> None:
   from nerveseg_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
   flags = _flags()
   config = flags.config
-  workdir = (pathlib.Path(flags.workdir) if flags.workdir
-             else default_workdir(_config_arg(sys.argv), config))
+  # A string, not pathlib: gs://bucket/run must keep its double slash.
+  workdir = flags.workdir or default_workdir(_config_arg(sys.argv), config)
   try:
     result = train_and_evaluate(config, workdir)
   except tfds_source.DataNotFoundError as e:

@@ -175,3 +175,11 @@ def _save(path, tree):
   """What convert_keras writes: a StandardCheckpointer tree of numpy arrays."""
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, tree)
+
+
+def test_remote_workdirs_keep_their_scheme(tmp_path, monkeypatch):
+  # gs://bucket/run must not collapse to gs:/bucket/run (what pathlib would make of it).
+  from nerveseg_jax.checkpoint import as_path
+  assert str(as_path("gs://bucket/runs/unet")) == "gs://bucket/runs/unet"
+  monkeypatch.chdir(tmp_path)
+  assert str(as_path("runs/x")) == str(tmp_path / "runs" / "x")

@@ -44,7 +44,10 @@ def _missing_kaggle(detail: str) -> DataNotFoundError:
       f"--config.data.manual_dir=~/{KAGGLE_ZIP}")
 
 
-def _expand(path: str) -> pathlib.Path:
+def _expand(path: str):
+  if "://" in path:  # gs://... staged data: TFDS reads it itself; pathlib would mangle it
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    return epath.Path(path)
   return pathlib.Path(os.path.expandvars(os.path.expanduser(path))).absolute()
 
 
@@ -61,6 +64,9 @@ def _path_key(path: pathlib.Path) -> str:
 
 @contextlib.contextmanager
 def _locked(data_dir: pathlib.Path, name: str) -> Iterator[None]:
+  if "://" in str(data_dir):  # no flock on object stores: prepare remote data once, up front
+    yield
+    return
   lock_dir = data_dir / ".locks"
   lock_dir.mkdir(parents=True, exist_ok=True)
   with open(lock_dir / f"{name}.lock", "w") as f:
