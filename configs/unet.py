@@ -11,13 +11,13 @@ Variants, chosen with configs/unet.py:VARIANT
 
 Demo command and expected result (no download needed):
   python -m nerveseg_jax.train --config configs/unet.py:synthetic
-    -> runs/unet_synthetic; validation (fold 0 of the 10 synthetic subjects) Kaggle score
-       ~0.95, Dice on nerve frames ~0.95, presence accuracy ~0.97 from step 300
-       (measured: 0.952 / 0.946 / 0.975; 0.75 s/step and 36 s compile on a shared 2-core
-       CPU shared with other jobs: about 7 minutes in all, data generation included).
+    -> runs/unet_synthetic; validation (fold 0 of 5 over the 10 synthetic subjects)
+       Kaggle score ~0.95, Dice on nerve frames ~0.93, presence accuracy ~0.97 at step 300
+       (measured from a fresh venv and clone: 0.947 / 0.934 / 0.975, 3.5 minutes in all on
+       the 2-core CPU, data generation and a 23 s compile included).
   Smoke (tests): configs/unet.py:smoke trains 20 steps of a 4-feature U-Net at 64x96; the
   loss drops, the scores mean nothing.
-Real data: the Kaggle-scale result is reported in the README (issue 4, item 8).
+Real data: the subject-wise result on real frames is in the README (Results).
 """
 
 import ml_collections
