@@ -69,8 +69,7 @@ def _check_workdirs(args: argparse.Namespace) -> None:
 def _announce(server, worker: webapp.InferenceWorker, host: str) -> None:
   """Prints "ready on ..." once the port is bound and the model compiled; else stops."""
   worker.done.wait()
-  if worker.state != "ready":
-    print(f"error: {worker.error}", file=sys.stderr, flush=True)
+  if worker.state != "ready":  # the worker has logged why
     server.should_exit = True
     return
   while not server.started:
@@ -98,6 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   limits = webapp.Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                          max_pixels=args.max_pixels)
+  # Our --max_pixels is checked on the header first; lift PIL's own bomb guard above it
+  # so that a user who raises the limit is not refused by a second, hidden one.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < args.max_pixels:
+    Image.MAX_IMAGE_PIXELS = args.max_pixels
   app = webapp.create_app(load, limits)
   if args.host not in _LOCAL_HOSTS:
     inference.log(f"warning: --host {args.host} serves the page beyond this machine, "

@@ -160,4 +160,23 @@ def test_fast_transposed_conv_equals_conv_transpose(dtype):
   x = jax.random.normal(jax.random.key(1), (2, 7, 9, 6))
   ref, fast = up.conv(x), up(x)
   assert fast.shape == (2, 14, 18, 5) and fast.dtype == ref.dtype
-  np.testing.assert_array_equal(np.asarray(fast, np.float32), np.asarray(ref, np.float32))
+  # Same op, but XLA may sum the 6 input channels in another order: a few ulps apart.
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(fast, np.float32), np.asarray(ref, np.float32),
+                             rtol=tol, atol=tol)
+
+
+def test_max_pool_2x2_matches_nnx_and_its_gradient():
+  from nerveseg_jax.models import unet as unet_lib
+  x = jax.random.normal(jax.random.key(2), (2, 6, 8, 3))
+  x = x.at[0, 0, 0, 0].set(5.0).at[0, 1, 1, 0].set(5.0)  # an exact tie in one window
+  ref = nnx.max_pool(x, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(np.asarray(unet_lib.max_pool_2x2(x)), np.asarray(ref))
+  w = jax.random.normal(jax.random.key(3), ref.shape)
+  grad = jax.grad(lambda v: (unet_lib.max_pool_2x2(v) * w).sum())(x)
+  # The reference: jnp.max over the window, whose gradient also splits ties evenly.
+  plain = lambda v: v.reshape(2, 3, 2, 4, 2, 3).max(axis=(2, 4))
+  want = jax.grad(lambda v: (plain(v) * w).sum())(x)
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(want), rtol=1e-6, atol=1e-7)
+  assert float(grad[0, 0, 0, 0]) == pytest.approx(float(w[0, 0, 0, 0]) / 2)
+  assert int((np.asarray(grad) != 0).sum()) == ref.size + 1  # one grad per window, +1 tie

@@ -125,20 +125,55 @@ def _transpose_2x2(conv: nnx.ConvTranspose, x: jax.Array) -> jax.Array:
 
   Same parameters and result as conv(x): each output pixel (2i+a, 2j+b) sees exactly
   one input pixel, through kernel tap (1-a, 1-b) (lax.conv_transpose flips the
-  kernel). But XLA:CPU lowers lax.conv_transpose
-  to a conv over a zero-dilated input, 4x the work: this form made the whole U-Net
-  training step about 2x faster on CPU (docs/performance.md); on GPU/TPU it is a plain
-  matmul too.
+  kernel). XLA:CPU lowers lax.conv_transpose to a conv over a zero-dilated input, 4x
+  the work, and its backward is ~25x slower than this form's; a plain 2-D matmul
+  (B*H*W, C) x (C, 4*O) then a transpose beats an einsum with interleaved output axes
+  by ~1.5x forward and backward (docs/performance.md). On GPU/TPU it is a matmul too.
   """
   kernel = conv.kernel[...][::-1, ::-1]
   bias = conv.bias[...] if conv.bias is not None else None
   dtype = conv.dtype or jnp.result_type(x, kernel)
   x, kernel = x.astype(dtype), kernel.astype(dtype)
-  b, h, w, _ = x.shape
-  y = jnp.einsum("nhwc,abco->nhawbo", x, kernel).reshape(b, 2 * h, 2 * w, kernel.shape[-1])
+  b, h, w, c = x.shape
+  o = kernel.shape[-1]
+  y = x.reshape(b * h * w, c) @ kernel.transpose(2, 0, 1, 3).reshape(c, 4 * o)
+  y = y.reshape(b, h, w, 2, 2, o).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, o)
   if bias is not None:
     y = y + bias.astype(dtype)
   return y
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 stride-2 max pool of (B, H, W, C), H and W even; same values as nnx.max_pool.
+
+  Why not nnx.max_pool: its gradient (reduce_window + select_and_scatter, which
+  XLA:CPU expands into argmax index arrays) cost ~6x this form's forward + backward
+  on CPU (~0.35 s of a 2.9 s U-Net step, docs/performance.md). Here the backward is
+  one elementwise pass: the gradient goes to the window's maximum, split evenly
+  between exact ties (as jnp.max's gradient does).
+  """
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _max_pool_fwd(x: jax.Array):
+  b, h, w, c = x.shape
+  x6 = x.reshape(b, h // 2, 2, w // 2, 2, c)
+  y = x6.max(axis=(2, 4))
+  return y, (x6, y)
+
+
+def _max_pool_bwd(res, g: jax.Array):
+  x6, y = res
+  b, h, _, w, _, c = x6.shape
+  hit = x6 == y[:, :, None, :, None]
+  ties = hit.sum(axis=(2, 4), keepdims=True).astype(g.dtype)
+  dx = jnp.where(hit, (g[:, :, None, :, None] / ties), 0).astype(x6.dtype)
+  return (dx.reshape(b, 2 * h, 2 * w, c),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class UNet(nnx.Module):
@@ -213,7 +248,7 @@ class UNet(nnx.Module):
       x = block(x)
       if i < self.depth:
         skips.append(x)
-        x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
     if self.dropout is not None:
       x = self.dropout(x)
 

@@ -9,6 +9,7 @@
   const el = (id) => document.getElementById(id);
   const state = {
     maxUploadBytes: 20 * 1024 * 1024,
+    presenceThreshold: null,  // the calibrated decision threshold, from /healthz
     ready: false,
     queue: [],      // {file, card} waiting to be sent
     active: 0,
@@ -33,6 +34,8 @@
       }
       if (response.ok && body.status === "ready") {
         state.ready = true;
+        const threshold = body.calibration && body.calibration.presence_threshold;
+        state.presenceThreshold = typeof threshold === "number" ? threshold : null;
         setStatus("ready", "Model ready");
         pump();
         return;
@@ -130,6 +133,7 @@
   }
 
   function showResult(card, r) {
+    if (!card.isConnected) return;  // cleared while it was being analysed
     const found = Boolean(r.nerve_found);
     card.className = `card done ${found ? "found" : "none"}`;
     card.querySelector(".badge").textContent = r.message;
@@ -138,11 +142,25 @@
     card.querySelector(".overlay").src = png(r.images.overlay);
     card.querySelector(".views").hidden = false;
 
-    card.querySelector(".presence").textContent = `${r.presence_percent.toFixed(1)} %`;
-    card.querySelector(".meter-fill").style.width = `${Math.max(0, Math.min(100, r.presence_percent))}%`;
-    const pct = (100 * r.area_fraction).toFixed(2);
-    card.querySelector(".area").textContent = found
-      ? `${r.area.toLocaleString()} px (${pct} % of frame)` : "0 px (no nerve found)";
+    card.querySelector(".presence").textContent = `${r.presence_percent.toFixed(1)}\u00a0%`;
+    card.querySelector(".meter-fill").style.width = `${clampPercent(r.presence_percent)}%`;
+    if (state.presenceThreshold) {
+      // Where the calibrated threshold lies, so 43 % reads as "above the cut-off".
+      // (A threshold of 0 means the mask area alone decides; no mark then.)
+      const cut = 100 * state.presenceThreshold;
+      const mark = card.querySelector(".meter-mark");
+      mark.style.left = `${clampPercent(cut)}%`;
+      mark.hidden = false;
+      const note = card.querySelector(".threshold");
+      note.textContent = `threshold ${cut.toFixed(1)}\u00a0%`;
+      note.hidden = false;
+    }
+    if (!found) {
+      card.querySelector(".overlay-caption").textContent = "No outline: no nerve found";
+    }
+    card.querySelector(".area").textContent = `${r.area.toLocaleString()} px`;
+    card.querySelector(".area-note").textContent = found
+      ? `${(100 * r.area_fraction).toFixed(2)}\u00a0% of frame` : "no nerve found";
     card.querySelector(".size").textContent = `${r.width} × ${r.height} px`;
     card.querySelector(".facts").hidden = false;
 
@@ -158,7 +176,7 @@
 
   function updateSummary() {
     const cards = el("results").children.length;
-    const done = state.results.length;
+    const done = el("results").querySelectorAll(".card.done").length;
     const failed = el("results").querySelectorAll(".card.failed").length;
     const found = el("results").querySelectorAll(".card.found").length;
     const pending = cards - done - failed;
@@ -207,6 +225,10 @@
     el("results").replaceChildren();
     el("toolbar").hidden = true;
     updateSummary();
+  }
+
+  function clampPercent(x) {
+    return Math.max(0, Math.min(100, x));
   }
 
   function formatMb(bytes) {

@@ -1,0 +1,168 @@
+"""The clinician's page in a real browser: Debian's chromium driven by Playwright.
+
+Never downloads a browser: Playwright is pointed at /usr/bin/chromium (installed by
+.ci/run). Skipped, with the reason, where either is missing. The screenshot is saved
+to the test's tmp dir and, when NERVESEG_ARTIFACTS is set, to that folder.
+"""
+
+import csv
+import io
+import os
+import pathlib
+import shutil
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from nerveseg_jax import inference, rle, webapp
+
+CHROMIUM = pathlib.Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+if not CHROMIUM.exists():
+  pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium chromium-driver)",
+              allow_module_level=True)
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is missing (pip install playwright)")
+
+
+@pytest.fixture(scope="module")
+def server_url(calibrated_run):
+  """A real uvicorn server on a free port, in a thread, with the calibrated smoke run."""
+  import uvicorn
+  app = webapp.create_app(lambda: inference.Predictor(calibrated_run, batch_size=1))
+  # log_config=None: leave process-wide logging (and pytest's capture) alone.
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  deadline = time.monotonic() + 120
+  while not (server.started and app.state.worker.done.is_set()):
+    assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+    time.sleep(0.05)
+  assert app.state.worker.state == "ready", app.state.worker.error
+  port = server.servers[0].sockets[0].getsockname()[1]
+  yield f"http://127.0.0.1:{port}"
+  server.should_exit = True
+  thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def browser():
+  with sync_api.sync_playwright() as p:
+    b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def page(browser, server_url):
+  context = browser.new_context(viewport={"width": 1280, "height": 900},
+                                accept_downloads=True)
+  page = context.new_page()
+  requests: list[str] = []
+  page.on("request", lambda r: requests.append(r.url))
+  page.goto(server_url)
+  page.wait_for_selector("#status.status-ready", timeout=60_000)
+  yield page
+  # Works offline: nothing but this server, data: and blob: URLs was ever requested.
+  outside = [u for u in requests
+             if not u.startswith((server_url, "data:", "blob:"))]
+  assert not outside, outside
+  context.close()
+
+
+def _save_artifact(page, tmp_path: pathlib.Path, name: str) -> pathlib.Path:
+  path = tmp_path / name
+  page.screenshot(path=str(path), full_page=True)
+  artifacts = os.environ.get("NERVESEG_ARTIFACTS")
+  if artifacts:
+    pathlib.Path(artifacts).mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, pathlib.Path(artifacts) / name)
+  return path
+
+
+def test_upload_shows_overlay_decision_and_downloads(page, server_url, smoke_run, tmp_path):
+  raw = smoke_run / "raw"
+  with open(raw / "test_truth.csv", newline="") as f:
+    truth = {row["img"]: row["pixels"].strip() for row in csv.DictReader(f)}
+  nerve = next(name for name, pixels in truth.items() if pixels)
+  empty = next(name for name, pixels in truth.items() if not pixels)
+  notes = tmp_path / "notes.txt"
+  notes.write_text("a clinician's note, not an image")
+  page.set_input_files("#file-input", [str(raw / "test" / f"{nerve}.tif"),
+                                       str(raw / "test" / f"{empty}.tif"), str(notes)])
+  sync_api.expect(page.locator("#results .card.pending")).to_have_count(0, timeout=60_000)
+  cards = page.locator("#results .card")
+  assert cards.count() == 3
+
+  found = cards.nth(0)
+  assert found.locator(".filename").inner_text() == f"{nerve}.tif"
+  assert "found" in found.get_attribute("class").split()
+  assert found.locator(".badge").inner_text() == "Nerve found"
+  for img in ("img.original", "img.overlay"):  # decoded PNGs, at the frame's size
+    assert found.locator(img).evaluate("i => i.complete && i.naturalWidth") == 580
+  assert found.locator(".presence").inner_text().endswith("%")
+  # The calibrated cut-off is marked, unless it is 0 (then the mask area alone decides).
+  cut = httpx.get(f"{server_url}/healthz").json()["calibration"]["presence_threshold"]
+  threshold = found.locator(".threshold")
+  if cut > 0:
+    assert threshold.inner_text() == f"threshold {100 * cut:.1f}\u00a0%"
+  else:
+    assert threshold.is_hidden()
+  assert "px" in found.locator(".area").inner_text()
+
+  none = cards.nth(1)
+  assert none.locator(".badge").inner_text() == "No nerve found"
+  assert none.locator(".area").inner_text() == "0 px"
+  assert none.locator(".area-note").inner_text() == "no nerve found"
+
+  # The non-image: the server never saw it (the page checks the type) and it is
+  # reported on its own card, the others processed.
+  bad = cards.nth(2)
+  assert "failed" in bad.get_attribute("class").split()
+  assert "notes.txt" in bad.locator(".error").inner_text()
+  assert "1 could not be analysed" in page.locator("#summary").inner_text()
+  _save_artifact(page, tmp_path, "serve_page.png")
+
+  with page.expect_download() as info:
+    found.locator(".download-mask").click()
+  download = info.value
+  assert download.suggested_filename == f"{nerve}_mask.png"
+  from PIL import Image
+  mask = np.asarray(Image.open(download.path()))
+  assert mask.shape == (420, 580) and set(np.unique(mask)) <= {0, 255} and mask.any()
+
+  with page.expect_download() as info:
+    page.click("#download-csv")
+  rows = list(csv.reader(io.StringIO(pathlib.Path(info.value.path()).read_text())))
+  assert rows[0] == ["img", "pixels"]
+  assert sorted(r[0] for r in rows[1:]) == sorted([nerve, empty])
+  by_name = dict(rows[1:])
+  assert by_name[empty] == ""
+  np.testing.assert_array_equal(rle.decode(by_name[nerve]), mask // 255)
+
+  # Unticking a frame leaves it out of the CSV.
+  none.locator("input.select").uncheck()
+  with page.expect_download() as info:
+    page.click("#download-csv")
+  rows = list(csv.reader(io.StringIO(pathlib.Path(info.value.path()).read_text())))
+  assert [r[0] for r in rows[1:]] == [nerve]
+
+
+def test_server_side_errors_appear_on_the_page(page, tmp_path):
+  """Files that look like images by name but are not: the server's 4xx message shows."""
+  fake = tmp_path / "scan.png"
+  fake.write_bytes(b"this is not a PNG")
+  cut = tmp_path / "cut.tif"
+  cut.write_bytes(b"II*\x00" + b"\x00" * 20)
+  page.set_input_files("#file-input", [str(fake), str(cut)])
+  sync_api.expect(page.locator("#results .card.failed")).to_have_count(2, timeout=60_000)
+  errors = page.locator("#results .card .error").all_inner_texts()
+  assert any("scan.png: not a recognised image" in e for e in errors), errors
+  assert any("cut.tif" in e for e in errors), errors
+  assert page.locator("#download-csv").is_disabled()
+  _save_artifact(page, tmp_path, "serve_page_errors.png")
