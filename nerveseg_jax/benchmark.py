@@ -27,26 +27,6 @@ PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("TPU v5 lite"
                ("TPU v5e", 197.0), ("TPU v5p", 459.0), ("TPU v5", 459.0), ("TPU v4", 275.0))
 
 
-# XLA:CPU settings measured to be faster on the project's models (docs/performance.md):
-# with its YNNPACK fusions disabled XLA:CPU runs convolutions through multi-threaded
-# Eigen, ~2x faster per conv on 2 cores than the single-threaded YNN kernels.
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
-
-
-def apply_cpu_xla_flags(environ=os.environ) -> str:
-  """Adds CPU_XLA_FLAGS to XLA_FLAGS unless the user set that flag; returns XLA_FLAGS.
-
-  Must run before JAX creates its backends (the flags are read once, at start-up).
-  Harmless on accelerators: only the host (CPU) backend reads these flags.
-  """
-  flags = environ.get("XLA_FLAGS", "")
-  for flag in CPU_XLA_FLAGS:
-    if flag.split("=")[0] not in flags:
-      flags = f"{flags} {flag}".strip()
-  environ["XLA_FLAGS"] = flags
-  return flags
-
-
 def peak_tflops(device_kind: str) -> float | None:
   for name, peak in PEAK_TFLOPS:
     if name.lower() in device_kind.lower():
@@ -251,6 +231,5 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
-  apply_cpu_xla_flags()  # before anything starts a JAX backend
   _define_flags()
   app.run(main)
