@@ -141,12 +141,17 @@ def test_tpu_vm_errors_name_the_problem():
 
 
 def test_slurm_per_gpu_dry_run():
-  env = _clean_env(SLURM_JOB_NUM_NODES="4", SLURM_GPUS_ON_NODE="8")
+  # SLURM_NTASKS from an sbatch with other --ntasks* values must not leak into srun.
+  env = _clean_env(SLURM_JOB_NUM_NODES="4", SLURM_GPUS_ON_NODE="8",
+                   SLURM_CPUS_PER_TASK="6", SLURM_NTASKS="4")
   res = _run(["bash", str(LAUNCH / "slurm.sbatch"), "--dry-run", "--", *TRAIN_ARGS],
              env)
   assert res.returncode == 0, res.stderr
   srun, requeue = _commands(res.stdout)
-  assert srun == ["srun", "--kill-on-bad-exit=1", "--nodes=4", "--ntasks-per-node=8",
+  # --ntasks and --cpus-per-task explicitly: srun would take SLURM_NTASKS from the job,
+  # and since Slurm 22.05 it no longer inherits sbatch's --cpus-per-task.
+  assert srun == ["srun", "--kill-on-bad-exit=1", "--nodes=4", "--ntasks=32",
+                  "--ntasks-per-node=8", "--cpus-per-task=6",
                   "python3", "-m", "nerveseg_jax.train", *TRAIN_ARGS]
   assert requeue == ["scontrol", "requeue", "JOB_ID"]
   header = (LAUNCH / "slurm.sbatch").read_text()
@@ -155,18 +160,20 @@ def test_slurm_per_gpu_dry_run():
 
 def test_slurm_per_node_task_environment(tmp_path):
   env = _clean_env(PROCS="per_node", SLURM_JOB_NUM_NODES="3", SLURM_JOB_ID="4100",
-                   HEAD_NODE="gpu-a17", PYTHON="python3")
+                   HEAD_NODE="gpu-a17", PYTHON="python3", SLURM_CPUS_ON_NODE="96")
   res = _run(["bash", str(LAUNCH / "slurm.sbatch"), "--dry-run", "--", *TRAIN_ARGS],
              env)
   assert res.returncode == 0, res.stderr
   srun, requeue = _commands(res.stdout)
   assert requeue == ["scontrol", "requeue", "4100"]
-  assert srun[:4] == ["srun", "--kill-on-bad-exit=1", "--nodes=3",
-                      "--ntasks-per-node=1"]
+  # One task per node, with all the node's CPUs.
+  assert srun[:6] == ["srun", "--kill-on-bad-exit=1", "--nodes=3", "--ntasks=3",
+                      "--ntasks-per-node=1", "--cpus-per-task=96"]
   exported = dict(kv.split("=", 1) for kv in _flag(srun, "--export").split(",")[1:])
+  # JAX's own SLURM port rule, so a per_gpu and a per_node job pick ports alike.
   assert exported == {"NERVESEG_COORDINATOR": f"gpu-a17:{4100 % 4096 + 61440}",
                       "NERVESEG_NUM_PROCESSES": "3"}
-  task = srun[5:]
+  task = srun[7:]
   assert task[-len(TRAIN_ARGS) - 3:] == ["python3", "-m", "nerveseg_jax.train",
                                          *TRAIN_ARGS]
   # Run the per-task wrapper as srun would on the third node, with a program that
@@ -195,7 +202,8 @@ def test_slurm_requeues_after_sigterm_stop(tmp_path, train_rc, requeued):
              env)
   assert res.returncode == train_rc, res.stderr
   calls = log.read_text().splitlines()
-  assert calls[0].startswith("srun --kill-on-bad-exit=1 --nodes=2 --ntasks-per-node=4 ")
+  assert calls[0].startswith(
+      "srun --kill-on-bad-exit=1 --nodes=2 --ntasks=8 --ntasks-per-node=4 python3 ")
   assert calls[1:] == (["scontrol requeue 991"] if requeued else [])
 
 
@@ -291,12 +299,33 @@ def test_xpk_tpu_dry_run():
       "python", "-m", "nerveseg_jax.train", *TRAIN_ARGS]
 
 
+# XPK's GPU manifests also carry the command as a double-quoted YAML string, so it may
+# hold spaces and shell syntax, but no quotes or backslashes.
+GPU_TRAIN_ARGS = ["--config", "configs/unet.py", "--workdir", "gs://bkt/runs/unet",
+                  "--config.data.manual_dir=/data/a dir (1) $HOME"]
+
+
 def test_xpk_gpu_command_maps_the_rank_variables(tmp_path):
+  yaml = pytest.importorskip("yaml")
   env = _clean_env(CLUSTER="xpk-1", IMAGE="img:3", NUM_NODES="4")
-  res = _run([str(LAUNCH / "gke/xpk.sh"), "--dry-run", "gpu", "--", *TRAIN_ARGS], env)
+  res = _run([str(LAUNCH / "gke/xpk.sh"), "--dry-run", "gpu", "--", *GPU_TRAIN_ARGS],
+             env)
   assert res.returncode == 0, res.stderr
   (xpk,) = _commands(res.stdout)
   assert "--device-type=h100-80gb-8" in xpk and "--num-nodes=4" in xpk
+  command = _flag(xpk, "--command")
+  # XPK writes the GPU command into its manifest twice: as a line of a block scalar
+  # (`bash -c |`) and as env `COMMAND` with `value: "<command>"`. Both must parse back
+  # to the same string.
+  manifest = yaml.safe_load(textwrap.dedent(f"""\
+      env:
+      - name: COMMAND
+        value: "{command}"
+      script: |
+        ({command}) & PID=$!;
+  """))
+  assert manifest["env"][0]["value"] == command
+  assert manifest["script"] == f"({command}) & PID=$!;\n"
   # Run the pod's command under the variables XPK gives a GPU pod, with a stand-in
   # `python` that reports what it got.
   fake = tmp_path / "python"
@@ -305,12 +334,66 @@ def test_xpk_gpu_command_maps_the_rank_variables(tmp_path):
   pod_env = _clean_env(PATH=f"{tmp_path}:{os.environ['PATH']}",
                        JAX_COORDINATOR_ADDRESS="run-workers-0-0.run",
                        JAX_COORDINATOR_PORT="6002", NNODES="4", NODE_RANK="3")
-  out = subprocess.run(["bash", "-c", _flag(xpk, "--command")], env=pod_env,
+  out = subprocess.run(["bash", "-c", command], env=pod_env,
                        capture_output=True, text=True, check=True,
                        timeout=30).stdout.splitlines()
   assert out[:3] == ["NERVESEG_COORDINATOR=run-workers-0-0.run:6002",
                      "NERVESEG_NUM_PROCESSES=4", "NERVESEG_PROCESS_ID=3"]
-  assert out[3:] == ["-m", "nerveseg_jax.train", *TRAIN_ARGS]
+  assert out[3:] == ["-m", "nerveseg_jax.train", *GPU_TRAIN_ARGS]
+
+
+@pytest.mark.parametrize("arg", ["--config.name=it's", '--config.name="x"',
+                                 "--config.name=a\\b"])
+def test_xpk_gpu_refuses_what_its_yaml_cannot_hold(arg):
+  res = _run([str(LAUNCH / "gke/xpk.sh"), "--dry-run", "gpu", "--", arg],
+             _clean_env(CLUSTER="c", IMAGE="i"))
+  assert res.returncode == 2 and "quotes or backslashes" in res.stderr, res.stderr
+  assert "xpk workload create" not in res.stdout
+  # The TPU command only goes into the block scalar, where any of them is fine.
+  res = _run([str(LAUNCH / "gke/xpk.sh"), "--dry-run", "tpu", "--", arg],
+             _clean_env(CLUSTER="c", IMAGE="i"))
+  assert res.returncode == 0, res.stderr
+  (xpk,) = _commands(res.stdout)
+  assert shlex.split(_flag(xpk, "--command"))[-1] == arg
+
+
+def test_xpk_refuses_a_newline():
+  res = _run([str(LAUNCH / "gke/xpk.sh"), "--dry-run", "tpu", "--", "--a=1\n2"],
+             _clean_env(CLUSTER="c", IMAGE="i"))
+  assert res.returncode == 2 and "control character" in res.stderr
+
+
+def test_dockerfile_builds_from_the_tree():
+  """What the GKE image copies exists, its EXTRA values are real extras, and no source
+  tree shadows the installed package in the directory training runs from."""
+  tomllib = pytest.importorskip("tomllib")
+  lines = [l.split() for l in (LAUNCH / "gke/Dockerfile").read_text().splitlines()
+           if l.strip() and not l.startswith("#")]
+  extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+      "optional-dependencies"]
+  header = (LAUNCH / "gke/Dockerfile").read_text()
+  for extra in re.findall(r"--build-arg EXTRA=(\w+)", header) + [
+      l[1].split("=", 1)[1] for l in lines if l[:1] == ["ARG"]]:
+    assert extra in extras, extra
+  workdir = None
+  in_workdir = []
+  for words in lines:
+    if words[0] == "WORKDIR":
+      workdir = words[1]
+    elif words[0] == "COPY":
+      *sources, dest = words[1:]
+      for src in sources:
+        assert (REPO / src).exists(), src
+      if workdir is not None and not dest.startswith("/"):
+        in_workdir += [pathlib.PurePosixPath(dest).name or src for src in sources]
+  assert workdir == "/app"
+  # `python -m` puts the working directory first on sys.path: a copy of nerveseg_jax
+  # there would hide the installed package's nerveseg_jax.configs/.datasets mapping.
+  assert "nerveseg_jax" not in in_workdir and "configs" in in_workdir
+  env = dict(w.split("=", 1) for l in lines if l[0] == "ENV" for w in l[1:])
+  assert "/usr/local/nvidia/lib64" in env["LD_LIBRARY_PATH"].split(":")
+  cmd = next(l for l in lines if l[0] == "CMD")
+  assert " ".join(cmd[1:]).startswith('["python", "-m", "nerveseg_jax.train"')
 
 
 # --- shellcheck ------------------------------------------------------------------------

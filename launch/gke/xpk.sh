@@ -38,6 +38,18 @@ MAX_RESTARTS="${MAX_RESTARTS:-3}"
 GRACE_SECONDS="${GRACE_SECONDS:-120}"
 check_shared_workdir "${train_args[@]}"
 
+for a in "${train_args[@]}"; do
+  # XPK writes the command into its YAML as one block-scalar line (and, for GPUs, a
+  # double-quoted string too): a newline would break the manifest.
+  [[ "$a" != *[[:cntrl:]]* ]] || die "training argument has a control character: $(quote "$a")"
+  if [[ "$target" == gpu && "$a" == *[\"\'\\]* ]]; then
+    # XPK's GPU pods also get the command as env COMMAND: value: "<command>", where a
+    # double quote ends the YAML string and a backslash (our quoting of ') starts an
+    # escape. Such a manifest fails to apply, so refuse it here.
+    die "XPK gpu workloads cannot carry quotes or backslashes in the command: $(quote "$a")" \
+      "(use launch/gke/jobset.sh gpu, or a --config file that sets the value)"
+  fi
+done
 train="python -m nerveseg_jax.train"
 ((${#train_args[@]})) && train+=" $(quote_args "${train_args[@]}")"
 xpk=(xpk workload create --cluster="$CLUSTER" --workload="$JOB_NAME"
@@ -57,7 +69,8 @@ else
   # XPK's GPU pods name the coordinator host and each node's rank in their own
   # variables; map them onto the ones nerveseg_jax reads (one process per node).
   # shellcheck disable=SC2016  # expanded inside the pod, not here
-  env_map='NERVESEG_COORDINATOR="$JAX_COORDINATOR_ADDRESS:$JAX_COORDINATOR_PORT" NERVESEG_NUM_PROCESSES="$NNODES" NERVESEG_PROCESS_ID="$NODE_RANK"'
+  # No quotes: the values are a host name and numbers, and assignments are not split.
+  env_map='NERVESEG_COORDINATOR=$JAX_COORDINATOR_ADDRESS:$JAX_COORDINATOR_PORT NERVESEG_NUM_PROCESSES=$NNODES NERVESEG_PROCESS_ID=$NODE_RANK'
   xpk+=(--device-type="${DEVICE_TYPE:-h100-80gb-8}" --num-nodes="${NUM_NODES:-2}"
     --command="$env_map $train")
 fi
