@@ -74,13 +74,19 @@ def read_gray(path: str | pathlib.Path) -> np.ndarray:
   return decode_gray(data, str(path))
 
 
-def read_mask(path: str | pathlib.Path) -> np.ndarray:
-  """Reads a mask file as (H, W) uint8 0/1.
+def binarize_mask(gray: np.ndarray) -> np.ndarray:
+  """A decoded (H, W) uint8 mask as 0/1: the one rule for every mask read from a file.
 
-  0/255 masks and lossy (JPEG) masks are thresholded at 128; 0/1 masks at 1.
+  0/255 masks and lossy (JPEG) masks are thresholded at half range (128); masks saved
+  as 0/1 (max value 1) at 1, so that they do not silently read as empty.
   """
-  array = read_gray(path)
-  return (array >= (128 if array.max(initial=0) > 1 else 1)).astype(np.uint8)
+  gray = np.asarray(gray)
+  return (gray >= (128 if gray.max(initial=0) > 1 else 1)).astype(np.uint8)
+
+
+def read_mask(path: str | pathlib.Path) -> np.ndarray:
+  """Reads a mask file as (H, W) uint8 0/1 (see binarize_mask)."""
+  return binarize_mask(read_gray(path))
 
 
 def is_image_file(path: pathlib.Path) -> bool:

@@ -185,3 +185,61 @@ def test_eval_counts_every_frame_exactly_once(data_dir, mesh):
   seen = np.concatenate([_host(b)["index"][_host(b)["valid"]]
                          for b in pipeline.eval_batches(every, 24, mesh)])
   assert sorted(seen) == list(range(32))
+
+
+def test_other_fold_is_computed_at_load_time_without_a_rebuild(data_dir, monkeypatch):
+  base = {f: set(pipeline.load_arrays(_config(data_dir, fold=f).data, "val").subject)
+          for f in range(4)}
+
+  def fail(*args, **kwargs):
+    raise AssertionError("the data were decoded or built again for another fold")
+
+  # Neither TFDS nor the resized cache is touched again: only the selection changes.
+  monkeypatch.setattr(pipeline, "_read_resized", fail)
+  monkeypatch.setattr(
+      "nerveseg_jax.datasets.ultrasound_nerve.ultrasound_nerve_dataset_builder."
+      "Builder._download_and_prepare", fail)
+  for f in range(4):
+    cfg = _config(data_dir, fold=f, num_folds=4).data
+    val, train = pipeline.load_arrays(cfg, "val"), pipeline.load_arrays(cfg, "train")
+    assert set(val.subject) == base[f] and not set(val.subject) & set(train.subject)
+  # Every subject is held out exactly once over the folds.
+  assert sorted(s for v in base.values() for s in v) == [1, 2, 3, 4]
+
+
+def test_each_process_reads_its_own_share_of_the_records(data_dir, monkeypatch):
+  from nerveseg_jax.data import tfds_source
+  builder = tfds_source.build(_config(data_dir).data)
+  whole = pipeline.cached_split(builder, "train", SIZE)
+  parts = []
+  for index in range(3):  # as if this were process `index` of 3
+    monkeypatch.setattr(pipeline, "_process", lambda i=index: (i, 3))
+    parts.append(pipeline.cached_split(builder, "train", SIZE))
+  ids = [p.id.tolist() for p in parts]
+  assert all(ids) and not set(ids[0]) & set(ids[1]) and not set(ids[1]) & set(ids[2])
+  assert sorted(sum(ids, [])) == sorted(whole.id.tolist())
+  for p in parts:  # the same frames, resized alike, whichever process holds them
+    for i, key in enumerate(p.id):
+      j = int(np.flatnonzero(whole.id == key)[0])
+      np.testing.assert_array_equal(p.image[i], whole.image[j])
+  root = next(data_dir.rglob("nerveseg_cache"))
+  assert {f"p{i}of3" for i in range(3)} <= {n for p in root.iterdir()
+                                           for n in p.name.split("_") if "of" in n}
+
+
+def test_prefetch_runs_ahead_of_the_consumer(data_dir, mesh):
+  import time
+  arrays = pipeline.load_arrays(_config(data_dir).data, "train")
+  it = pipeline.TrainIterator(arrays, 8, mesh, seed=0, prefetch=3)
+  try:
+    deadline = time.monotonic() + 60
+    # Nothing has been asked for yet, and the worker already holds 3 ready batches.
+    while not it._prefetch._q.full() and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert it._prefetch._q.qsize() == 3 and it.step == 0
+    first = _host(next(it))
+  finally:
+    it.close()
+  assert not it._prefetch._thread.is_alive()
+  np.testing.assert_array_equal(first["image"], _take(
+      pipeline.TrainIterator(arrays, 8, mesh, seed=0, prefetch=0), 1)[0]["image"])

@@ -118,3 +118,84 @@ def test_cli_and_refuses_non_empty_dir(tmp_path, capsys):
   assert "not empty" in capsys.readouterr().err
   with pytest.raises(ValueError, match="subjects"):
     synthetic.write_tree(tmp_path / "bad", subjects=0)
+
+
+def _frames(tree, nerve: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+  planted = {n for r in _rows(tree / "planted_duplicates.csv") for n in r.values()}
+  out = []
+  for r in _rows(tree / "train_masks.csv"):
+    key = f"{r['subject']}_{r['img']}"
+    if bool(r["pixels"]) == nerve and key not in planted:
+      out.append((_read(tree / "train" / f"{key}.tif").astype(np.float32),
+                  _read(tree / "train" / f"{key}_mask.tif") > 0))
+  return out
+
+
+def test_attenuation_with_depth(tree):
+  # Below the skin bands, the upper third is brighter than the bottom third in every
+  # frame (measured ~1.7-1.9; the real 1_1.tif and 1.tif: ~1.5).
+  for image, _ in _frames(tree, False) + _frames(tree, True):
+    rows = image[30:].mean(axis=1)
+    third = len(rows) // 3
+    assert rows[:third].mean() > 1.25 * rows[-third:].mean()
+
+
+def test_speckle_is_multiplicative_and_laterally_elongated(tree):
+  from scipy import ndimage
+  for image, _ in _frames(tree, False)[:4]:
+    x = image[30:400, 20:560]
+    local_mean = ndimage.uniform_filter(x, 15)
+    resid = x - local_mean
+    local_std = np.sqrt(ndimage.uniform_filter(resid ** 2, 15))
+    # Speckle: grainy at every depth, its strength proportional to the echo level.
+    assert (resid.std() / x.mean()) > 0.2
+    bright, dark = local_mean > np.percentile(local_mean, 75), local_mean < np.percentile(
+        local_mean, 25)
+    assert local_std[bright].mean() > 1.5 * local_std[dark].mean()
+    # B-mode grains are wider than tall: correlation falls slower along a row.
+    z = (x - x.mean()) / x.std()
+    along = (z[:, 3:] * z[:, :-3]).mean()
+    down = (z[3:] * z[:-3]).mean()
+    assert along > down + 0.05
+
+
+def test_fascia_are_near_horizontal_streaks(tree):
+  from scipy import ndimage
+  for image, _ in _frames(tree, False)[:4]:
+    s = ndimage.gaussian_filter(image, 2)
+    across = np.abs(np.diff(s, axis=0)).mean()  # changes from row to row
+    along = np.abs(np.diff(s, axis=1)).mean()   # changes along a row
+    assert across > 1.5 * along
+
+
+def test_vessels_are_dark_round_distractors():
+  # Drawn into uniform tissue: an anechoic lumen, an echoing wall, and brighter tissue
+  # behind it (posterior enhancement), with no mask.
+  e = np.ones((synthetic.HEIGHT, synthetic.WIDTH), np.float32)
+  v = synthetic._Ellipse(cy=150, cx=300, ry=18, rx=24, angle=0.0)
+  synthetic._draw_vessel(e, v, v.cy, v.cx, 1.0)
+  assert e[145:156, 290:311].mean() < 0.15                        # lumen
+  assert e[150 - 18 - 3:150 - 18 + 1, 295:306].mean() > 1.05     # top wall echo
+  assert e[200:260, 292:309].mean() > 1.1                         # enhancement below
+  assert abs(e[150, 100] - 1.0) < 1e-6                            # tissue elsewhere
+
+
+def test_nerve_is_a_honeycomb_in_a_bright_rim(tree):
+  from scipy import ndimage
+  # In the frames: the rim is brighter than both the interior and the tissue around.
+  for image, mask in _frames(tree, True):
+    core = ndimage.binary_erosion(mask, iterations=12)
+    rim = mask & ~ndimage.binary_erosion(mask, iterations=5)
+    around = ndimage.binary_dilation(mask, iterations=25) & ~ndimage.binary_dilation(
+        mask, iterations=8)
+    assert image[rim].mean() > 1.3 * image[core].mean()
+    assert image[rim].mean() > 1.2 * image[around].mean()
+  # Without speckle: several separate dark fascicles inside the outline.
+  rng = np.random.default_rng(0)
+  nerve = synthetic._new_nerve(rng)
+  e = np.ones((synthetic.HEIGHT, synthetic.WIDTH), np.float32)
+  cy, cx = nerve.cy - synthetic._MARGIN, nerve.cx - synthetic._MARGIN
+  m = synthetic._draw_nerve(e, nerve, cy, cx, 1.0, nerve.angle, 1.0)
+  assert 4000 < m.sum() < 11000
+  dark, n = ndimage.label((e < 0.35) & ndimage.binary_erosion(m, iterations=3))
+  assert n >= 5, n

@@ -20,10 +20,10 @@ from typing import Callable, Iterator
 
 from etils import epath
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
+from nerveseg_jax import imageio
 from nerveseg_jax import rle
 from nerveseg_jax.data.tfds_source import DataNotFoundError, KAGGLE_COMMAND, KAGGLE_ZIP
 
@@ -141,15 +141,12 @@ def _classify(rel: pathlib.PurePosixPath) -> tuple[str, str] | None:
 
 
 def _decode(data: bytes, name: str) -> np.ndarray:
-  """Any PIL-readable image as uint8 (H, W) grayscale; RGB goes through PIL's 'L'."""
+  """Any PIL-readable image as uint8 (H, W) grayscale (nerveseg_jax.imageio's rules:
+  RGB through PIL's 'L', 16-bit scaled by its type's range); errors name the file."""
   try:
-    with Image.open(io.BytesIO(data)) as im:
-      im.load()
-      if im.mode not in ("L", "1", "P", "RGB", "RGBA", "LA"):
-        raise ValueError(f"unsupported image mode {im.mode}; expected 8-bit gray or RGB")
-      return np.asarray(im if im.mode == "L" else im.convert("L"))
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    raise BadInputError(f"{name}: cannot read image ({e})") from None
+    return imageio.decode_gray(data, name)
+  except imageio.ImageReadError as e:
+    raise BadInputError(str(e)) from None  # "<file>: corrupt or unreadable image (...)"
 
 
 def _example(key_id: str, image: np.ndarray, mask: np.ndarray, subject: int,
@@ -290,15 +287,18 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         raise BadInputError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but "
                             f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
       m = _FOLDER_STEM.match(stem)
-      # Half range: JPEG masks are lossy, so 0/255 arrive as small/large values.
-      yield stem, _example(stem, image, (mask >= 128).astype(np.uint8),
+      # Half range: JPEG masks are lossy, so 0/255 arrive as small/large values
+      # (masks saved as 0/1 are taken as they are; imageio.binarize_mask).
+      yield stem, _example(stem, image, imageio.binarize_mask(mask),
                            int(m[1]) if m else -1, True)
 
 
 def _missing_message(config: str, detail: str = "") -> str:
   if config == "folder":
     return (f"ultrasound_nerve/folder: no data found. Set data.manual_dir to a folder "
-            f"holding images/ and masks/. {detail}").strip()
+            f"holding images/ and masks/. {detail} With the TFDS CLI pass "
+            "--config=kaggle or --config=folder: without --config, `tfds build` builds "
+            "every config on the same --manual_dir.").strip()
   return (f"ultrasound_nerve/kaggle: the Kaggle download was not found. Run\n"
           f"  {KAGGLE_COMMAND}\n"
           f"and set data.manual_dir to {KAGGLE_ZIP} or to the folder holding it (or its "
