@@ -12,7 +12,9 @@ WORKDIR/eval/<split>/metrics.json for other splits) and report.html next to it, 
 prints a table with the metrics before and after calibration.
 
 --folder PATH scores a labelled folder instead: PATH/images/NAME.ext with
-PATH/masks/NAME_mask.ext, or Kaggle's flat NAME.tif with NAME_mask.tif.
+PATH/masks/NAME_mask.ext, or Kaggle's flat NAME.tif with NAME_mask.tif. A frame or
+mask that cannot be read is named, skipped and listed in metrics.json ("skipped");
+the rest are scored and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -107,8 +109,14 @@ def _find_test_truth(data_cfg) -> pathlib.Path:
   return raw / "test_truth.csv"
 
 
-def _folder_frames(folder: str | pathlib.Path) -> Iterator[Labelled]:
-  """Frames and masks of a labelled folder (images/ + masks/, or flat Kaggle layout)."""
+def _folder_frames(folder: str | pathlib.Path,
+                   skipped: list[dict[str, str]] | None = None) -> Iterator[Labelled]:
+  """Frames and masks of a labelled folder (images/ + masks/, or flat Kaggle layout).
+
+  A frame or mask that cannot be read is reported by name, appended to `skipped`
+  (when given) and left out; the other frames are still scored. Without `skipped`
+  the first such file raises.
+  """
   folder = pathlib.Path(folder).expanduser()
   if (folder / "images").is_dir():
     image_dir, mask_dir = folder / "images", folder / "masks"
@@ -128,9 +136,18 @@ def _folder_frames(folder: str | pathlib.Path) -> Iterator[Labelled]:
     raise ValueError(f"--folder {folder}: {len(missing)} frames have no NAME_mask file in "
                      f"{mask_dir}, e.g. {missing[:3]}")
   for p in paths:
-    image, truth = imageio.read_gray(p), imageio.read_mask(masks[p.stem])
-    if image.shape != truth.shape:
-      raise ValueError(f"{masks[p.stem]}: mask is {truth.shape}, frame {p} is {image.shape}")
+    try:
+      image, truth = imageio.read_gray(p), imageio.read_mask(masks[p.stem])
+      if image.shape != truth.shape:
+        raise imageio.ImageReadError(
+            f"{masks[p.stem]}: mask is {truth.shape[1]}x{truth.shape[0]}, frame {p} is "
+            f"{image.shape[1]}x{image.shape[0]}")
+    except imageio.ImageReadError as e:
+      if skipped is None:
+        raise
+      skipped.append(dict(file=str(p), error=str(e)))
+      inference.log(f"skipped {e}")
+      continue
     yield Labelled(p.stem, image, truth)
 
 
@@ -227,8 +244,9 @@ def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
   predictor = inference.Predictor([workdir], tta=tta, batch_size=batch_size, which=which,
                                   calibration=Calibration())
   saved = postprocess.load_calibration(workdir)
+  skipped: list[dict[str, str]] = []
   if folder:
-    source, frames = f"folder {folder}", lambda: _folder_frames(folder)
+    source, frames = f"folder {folder}", lambda: _folder_frames(folder, skipped)
   else:
     ids = None if split == "test" else split_ids(config.data, split)
     source, frames = f"split {split}", lambda: _dataset_frames(config.data, split, ids)
@@ -255,6 +273,9 @@ def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
   inference.log(f"scoring {source} ...")
   metrics, rows = score(predictor, frames(), builder)
   out["metrics"] = metrics
+  # Frames that could not be read: named here, and main() exits 1, so a score over
+  # fewer frames than the folder holds is never mistaken for the whole folder's.
+  out["skipped"] = skipped
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "metrics.json").write_text(json.dumps(out, indent=2) + "\n")
   with open(out_dir / "per_frame.csv", "w", newline="") as f:
@@ -263,6 +284,8 @@ def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
     writer.writerows(rows)
   flat = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
   flat.update(metrics["confusion"])
+  if skipped:
+    flat["skipped_files"] = ", ".join(pathlib.Path(f["file"]).name for f in skipped)
   builder.write(out_dir / "report.html", flat | {"calibration": out["calibration"]})
   out["output_dir"] = str(out_dir)
   return out
@@ -283,6 +306,8 @@ def format_table(out: dict[str, Any]) -> str:
         f"{m[k]:>12.4f}" if m[k] is not None else f"{'n/a':>12}" for _, m in columns))
   for k in ("true_positive", "false_positive", "false_negative", "true_negative"):
     lines.append(f"{k:<22}" + "".join(f"{m['confusion'][k]:>12d}" for _, m in columns))
+  for f in out.get("skipped", []):
+    lines.append(f"SKIPPED {f['error']}")
   lines.append(f"calibration: {out['calibration']}")
   lines.append(f"wrote {out['output_dir']}/metrics.json and report.html")
   return "\n".join(lines)
@@ -328,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(format_table(out))
-  return 0
+  return 1 if out.get("skipped") else 0
 
 
 if __name__ == "__main__":

@@ -178,7 +178,9 @@ class Predictor:
     batch_size: frames per device call; the last batch is padded to it.
     which: 'best' or 'latest' checkpoint of each run.
     calibration: post-processing settings; None reads WORKDIR/calibration.json of the
-      first workdir, or uses the defaults when the run was never calibrated.
+      first workdir, or uses the defaults when the run was never calibrated. With a
+      classifier, the presence threshold is then the classifier's (its own
+      calibration.json, else 0.5).
   """
 
   def __init__(self, workdirs: Sequence[str | pathlib.Path] | str | pathlib.Path,
@@ -210,12 +212,14 @@ class Predictor:
                          f"({', '.join(CLASSIFIER_MODELS)})")
     if calibration is None:
       calibration = postprocess.load_calibration(self.workdirs[0])
-      if calibration is not None and (len(self.workdirs) > 1 or self.classifier):
-        # Thresholds chosen for one run's probabilities; an ensemble or a classifier
-        # shifts them. Still the best available guess, so use it, but say so.
+      if calibration is not None and len(self.workdirs) > 1:
+        # Thresholds chosen for one run's probabilities; an ensemble shifts them.
+        # Still the best available guess, so use it, but say so.
         log(f"note: {self.workdirs[0] / postprocess.CALIBRATION_FILE} was calibrated for "
-            "that run alone, not for this ensemble / classifier")
+            "that run alone, not for this ensemble")
       calibration = calibration or Calibration()
+      if self.classifier is not None:
+        calibration = self._classifier_presence_threshold(calibration)
     self.calibration = calibration
 
     # Shard the batch over the local devices when it divides evenly; else one device.
@@ -236,6 +240,22 @@ class Predictor:
     # arguments (not baked-in constants), so compiling is fast and shares memory.
     self._jitted = jax.jit(functools.partial(_forward, (seg_specs, cls_spec, self.tta)),
                            out_shardings=(self._batch_sharding, self._batch_sharding))
+
+  def _classifier_presence_threshold(self, calibration: Calibration) -> Calibration:
+    """With a classifier, the presence threshold is the classifier's, not the U-Net's.
+
+    The mask settings (threshold, minimum area, largest component) stay those of the
+    segmentation run. Its presence threshold was chosen for its own presence head (and
+    is often 0, "let the mask area decide"), which would let every frame through the
+    classifier; so the threshold is the classifier run's calibrated one when it has
+    CLASSIFIER_WORKDIR/calibration.json, else the default 0.5.
+    """
+    own = postprocess.load_calibration(self.classifier_workdir)
+    threshold = (own or Calibration()).presence_threshold
+    source = (self.classifier_workdir / postprocess.CALIBRATION_FILE if own
+              else "the default")
+    log(f"presence decided by the classifier at threshold {threshold} ({source})")
+    return dataclasses.replace(calibration, presence_threshold=threshold)
 
   def describe(self) -> str:
     runs = ", ".join(str(w) for w in self.workdirs)

@@ -5,8 +5,12 @@
 
 Writes OUT/submission.csv (Kaggle `img,pixels`), OUT/masks/NAME.png (0/255),
 OUT/overlays/NAME.png (mask outline on the frame), OUT/report.html and
-OUT/summary.json, and prints the summary. Unreadable files are reported by name and
-skipped; the exit status is then 1. Frames without a nerve get "No nerve found".
+OUT/summary.json (counts, the calibration used, and one entry per frame with its
+presence, decision and area), and prints the summary. Unreadable files (and frames
+that fail in inference) are reported by name and skipped, the others still processed;
+the exit status is then 1. Every file in the folder is counted: frames, failures, and
+ignored files (non-images, Kaggle *_mask files, hidden files). Frames without a nerve
+are reported as "No nerve found".
 """
 
 from __future__ import annotations
@@ -25,46 +29,106 @@ _CHUNK_BATCHES = 4
 
 
 def _unique_names(paths: Sequence[pathlib.Path]) -> list[str]:
-  """File stems, made unique when two files differ only by extension (a.tif, a.png)."""
-  stems = [p.stem for p in paths]
-  seen: dict[str, int] = {}
-  for s in stems:
-    seen[s] = seen.get(s, 0) + 1
-  return [f"{p.stem}_{p.suffix.lstrip('.').lower()}" if seen[p.stem] > 1 else p.stem
-          for p in paths]
+  """Output names (file stems), unique even when files differ only by extension.
+
+  a.tif and a.png become a_tif and a_png; if such a name is taken too (a file a_tif.png,
+  or a.tif beside a.TIF), a counter is appended, so no mask or CSV row overwrites another.
+  """
+  counts: dict[str, int] = {}
+  for p in paths:
+    counts[p.stem] = counts.get(p.stem, 0) + 1
+  kept = {p.stem for p in paths if counts[p.stem] == 1}  # these keep their own stem
+  used: set[str] = set()
+  names: list[str] = []
+  for p in paths:
+    if counts[p.stem] == 1:
+      name = p.stem
+    else:
+      base = name = f"{p.stem}_{p.suffix.lstrip('.').lower()}"
+      n = 1
+      while name in kept or name in used:
+        n += 1
+        name = f"{base}_{n}"
+    used.add(name)
+    names.append(name)
+  return names
+
+
+def _hidden_files(images: str | pathlib.Path) -> list[pathlib.Path]:
+  """Hidden files of an input folder (.DS_Store, ._1.tif): not processed, but counted."""
+  path = pathlib.Path(images).expanduser()
+  if not path.is_dir():
+    return []
+  return sorted((p for p in path.iterdir() if p.is_file() and p.name.startswith(".")),
+                key=lambda p: imageio.natural_key(p.name))
+
+
+def _predict_chunk(predictor: inference.Predictor, frames: list, names: list[str],
+                   paths: list[pathlib.Path], failed: list[dict[str, str]]) -> list:
+  """(frame, FramePrediction) for a chunk; a frame that fails in inference is reported.
+
+  The chunk is tried as a whole first; if that fails (say, one huge frame runs the
+  device out of memory), each frame is tried alone, so only the frames that fail
+  are lost, each reported by its file name.
+  """
+  if len(frames) > 1:
+    try:
+      return list(zip(frames, predictor.predict(frames, names)))
+    except Exception:  # pylint: disable=broad-except
+      inference.log("a batch failed in inference; retrying its frames one by one")
+  out = []
+  for frame, name, path in zip(frames, names, paths):
+    try:
+      out.append((frame, predictor.predict([frame], [name])[0]))
+    except Exception as e:  # pylint: disable=broad-except
+      message = f"{path}: inference failed ({type(e).__name__}: {e})"
+      failed.append(dict(file=str(path), error=message))
+      inference.log(f"skipped {message}")
+  return out
 
 
 def predict_path(predictor: inference.Predictor, images: str | pathlib.Path,
                  output: str | pathlib.Path) -> dict[str, Any]:
   """Runs `predictor` on every frame under `images` and writes OUT; returns the summary."""
   paths, ignored = imageio.list_inputs(images)
+  ignored = ignored + _hidden_files(images)
   output = pathlib.Path(output).expanduser()
   (output / "masks").mkdir(parents=True, exist_ok=True)
   (output / "overlays").mkdir(parents=True, exist_ok=True)
   names = _unique_names(paths)
   rows: list[tuple[str, str]] = []
+  frames_out: list[dict[str, Any]] = []
   failed: list[dict[str, str]] = []
   found = 0
   builder = report.ReportBuilder(f"Predictions for {images}")
   chunk = predictor.batch_size * _CHUNK_BATCHES
   for start in range(0, len(paths), chunk):
-    frames, frame_names = [], []
+    frames, frame_names, frame_paths = [], [], []
     for path, name in zip(paths[start:start + chunk], names[start:start + chunk]):
       try:
         frames.append(imageio.read_gray(path))
         frame_names.append(name)
+        frame_paths.append(path)
       except imageio.ImageReadError as e:
         failed.append(dict(file=str(path), error=str(e)))
         inference.log(f"skipped {e}")
-    for frame, result in zip(frames, predictor.predict(frames, frame_names)):
+    by_name = dict(zip(frame_names, frame_paths))
+    for frame, result in _predict_chunk(predictor, frames, frame_names, frame_paths, failed):
       imageio.write_png(output / "masks" / f"{result.name}.png", imageio.mask_png(result.mask))
       imageio.write_png(output / "overlays" / f"{result.name}.png",
                         imageio.overlay(frame, result.mask))
       builder.add(result.name, frame, result.mask, result.presence, result.decision)
       rows.append((result.name, result.rle()))
       found += result.decision
+      frames_out.append(dict(
+          name=result.name, file=str(by_name[result.name]), height=int(frame.shape[0]),
+          width=int(frame.shape[1]), presence=round(float(result.presence), 6),
+          decision=bool(result.decision), message=result.message, area=result.area,
+          bbox=list(result.bbox) if result.bbox else None))
     inference.log(f"{min(start + chunk, len(paths))}/{len(paths)} files")
   rows.sort(key=lambda r: imageio.natural_key(r[0]))
+  frames_out.sort(key=lambda r: imageio.natural_key(r["name"]))
+  failed.sort(key=lambda f: imageio.natural_key(pathlib.Path(f["file"]).name))
   with open(output / "submission.csv", "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["img", "pixels"])
@@ -74,9 +138,10 @@ def predict_path(predictor: inference.Predictor, images: str | pathlib.Path,
       files=len(paths) + len(ignored), images=len(paths), processed=len(rows),
       nerve_found=found, no_nerve_found=len(rows) - found, failed=len(failed),
       ignored=len(ignored), failures=failed, ignored_files=[str(p) for p in ignored],
-      pipeline=predictor.describe())
+      pipeline=predictor.describe(), calibration=predictor.calibration.to_dict(),
+      frames=frames_out)
   builder.write(output / "report.html", {k: v for k, v in summary.items()
-                                         if not isinstance(v, list)})
+                                         if not isinstance(v, (list, dict))})
   (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary
 
@@ -87,7 +152,7 @@ def format_summary(summary: dict[str, Any]) -> str:
            f"{'nerve found':<16}{summary['nerve_found']}",
            f"{inference.NO_NERVE:<16}{summary['no_nerve_found']}",
            f"{'failed':<16}{summary['failed']}",
-           f"{'ignored':<16}{summary['ignored']}  (non-image or *_mask files)"]
+           f"{'ignored':<16}{summary['ignored']}  (non-image, *_mask or hidden files)"]
   for f in summary["failures"]:
     lines.append(f"  FAILED {f['error']}")
   lines.append(f"wrote {summary['output']}/submission.csv, masks/, overlays/, report.html")

@@ -1,6 +1,8 @@
 """evaluate: source-resolution scoring, calibration never lowers the score, outputs."""
 
+import csv
 import json
+import pathlib
 import shutil
 
 import numpy as np
@@ -88,3 +90,86 @@ def test_test_split_scores_with_synthetic_truth_or_says_why(val_eval, run_root, 
   config.data.manual_dir = str(tmp_path)        # a tree without test_truth.csv
   with pytest.raises(ValueError, match="unlabelled.*test_truth.csv"):
     evaluate._find_test_truth(config.data)
+
+
+def test_summarize_by_hand():
+  # 6 frames: 3 with a nerve (Dice 0.8, 0.0 missed, 0.5), 3 empty (1 false alarm).
+  dice = [0.8, 0.0, 0.5, 1.0, 0.0, 1.0]
+  found = [True, False, True, False, True, False]
+  nerve = [True, True, True, False, False, False]
+  m = evaluate.summarize(dice, found, nerve)
+  assert m["kaggle_score"] == pytest.approx(3.3 / 6)
+  assert m["dice_nerve_frames"] == pytest.approx(1.3 / 3)
+  assert m["presence_precision"] == pytest.approx(2 / 3)    # 2 of 3 "found" had a nerve
+  assert m["presence_recall"] == pytest.approx(2 / 3)       # 2 of 3 nerves found
+  assert m["confusion"] == dict(true_positive=2, false_positive=1, false_negative=1,
+                                true_negative=2)
+  assert (m["num_frames"], m["num_nerve_frames"]) == (6, 3)
+  # Undefined ratios are None, not a division error or a made-up 0.
+  m = evaluate.summarize([1.0, 1.0], [False, False], [False, False])
+  assert m["presence_precision"] is None and m["presence_recall"] is None
+  assert m["dice_nerve_frames"] is None and m["kaggle_score"] == 1.0
+
+
+def test_printed_table_shows_before_and_after(val_eval):
+  out = json.loads((val_eval / "eval" / "metrics.json").read_text())
+  out["output_dir"] = str(val_eval / "eval")
+  table = evaluate.format_table(out)
+  header = table.splitlines()[1].split()
+  assert header == ["default", "calibrated"]
+  row = next(line for line in table.splitlines() if line.startswith("kaggle_score"))
+  before, after = (float(x) for x in row.split()[1:])
+  assert before == pytest.approx(out["before_calibration"]["kaggle_score"], abs=1e-4)
+  assert after == pytest.approx(out["metrics"]["kaggle_score"], abs=1e-4)
+  tp = next(line for line in table.splitlines() if line.startswith("true_positive"))
+  assert int(tp.split()[2]) == out["metrics"]["confusion"]["true_positive"]
+
+
+def test_config_flag_overrides_the_workdirs_config(val_eval, tmp_path):
+  """--config FILE:ARG: here a config whose validation fold is another one."""
+  from nerveseg_jax import checkpoint
+  workdir = tmp_path / "workdir"
+  shutil.copytree(val_eval, workdir)
+  config = checkpoint.read_config(workdir)
+  other_fold = (int(config.data.fold) + 1) % int(config.data.num_folds)
+  cfg_file = tmp_path / "other_fold.py"
+  cfg_file.write_text(
+      "import json, ml_collections\n"
+      "def get_config(arg):\n"
+      f"  c = ml_collections.ConfigDict(json.load(open({str(workdir / 'config.json')!r})))\n"
+      "  c.data.fold = int(arg)\n"
+      "  return c\n")
+  assert evaluate.main(["--workdir", str(workdir), "--config", f"{cfg_file}:{other_fold}",
+                        "--no_calibrate"]) == 0
+  with open(workdir / "eval" / "per_frame.csv", newline="") as f:
+    scored = {r["name"] for r in csv.DictReader(f)}
+  config.data.fold = other_fold
+  assert scored == evaluate.split_ids(config.data, "val")
+  config.data.fold = other_fold - 1 if other_fold else int(config.data.num_folds) - 1
+  assert scored != evaluate.split_ids(config.data, "val")
+  assert evaluate.main(["--workdir", str(workdir), "--config", str(tmp_path / "no.py")]) == 2
+
+
+def test_unreadable_frames_in_a_folder_are_named_and_the_rest_scored(val_eval, run_root,
+                                                                      tmp_path, capsys):
+  """Kaggle's flat layout; one corrupt frame and one corrupt mask."""
+  from nerveseg_jax import imageio, rle
+  with open(run_root / "raw" / "test_truth.csv", newline="") as f:
+    truth = {r["img"]: r["pixels"] for r in csv.DictReader(f)}
+  names = sorted(truth, key=int)[:5]
+  for n in names:
+    frame = imageio.read_gray(run_root / "raw" / "test" / f"{n}.tif")
+    shutil.copy(run_root / "raw" / "test" / f"{n}.tif", tmp_path)
+    imageio.write_png(tmp_path / f"{n}_mask.png",
+                      imageio.mask_png(rle.decode(truth[n], *frame.shape)))
+  data = (tmp_path / f"{names[0]}.tif").read_bytes()
+  (tmp_path / f"{names[0]}.tif").write_bytes(data[:len(data) // 3])
+  (tmp_path / f"{names[1]}_mask.png").write_bytes(b"not a png")
+  assert evaluate.main(["--workdir", str(val_eval), "--folder", str(tmp_path)]) == 1
+  printed = capsys.readouterr().out
+  assert f"SKIPPED {tmp_path / names[0]}.tif" in printed
+  assert f"{names[1]}_mask.png" in printed
+  out = json.loads((val_eval / "eval" / f"folder_{tmp_path.name}" / "metrics.json").read_text())
+  assert out["metrics"]["num_frames"] == 3
+  assert sorted(pathlib.Path(s["file"]).name for s in out["skipped"]) == sorted(
+      [f"{names[0]}.tif", f"{names[1]}.tif"])

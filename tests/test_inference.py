@@ -114,3 +114,22 @@ def test_bad_workdirs_are_named(tmp_path, run_root):
     inference.Predictor(run_root / "workdir", batch_size=0)
   with pytest.raises(ValueError, match="classifier"):
     inference.Predictor(run_root / "workdir", run_root / "workdir")
+
+
+def test_ensemble_of_two_different_runs_averages_their_probabilities(run_root, tmp_path):
+  """Two genuinely different runs (the smoke run at step 150 and at step 75)."""
+  import shutil
+  workdir = run_root / "workdir"
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert len(steps) >= 2, steps
+  early = tmp_path / "early"
+  shutil.copytree(workdir, early)
+  for step in steps[1:]:
+    shutil.rmtree(early / "checkpoints" / str(step))     # only the first checkpoint left
+  frames = _frames(run_root, 3)
+  a = _probs(inference.Predictor(workdir, batch_size=4), frames)
+  b = _probs(inference.Predictor(early, batch_size=4), frames)
+  assert np.abs(a[0] - b[0]).max() > 1e-2                  # the two runs really differ
+  ens = _probs(inference.Predictor([workdir, early], batch_size=4), frames)
+  np.testing.assert_allclose(ens[0], 0.5 * (a[0] + b[0]), atol=2e-5)
+  np.testing.assert_allclose(ens[1], 0.5 * (a[1] + b[1]), atol=2e-5)

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import pathlib
 import shutil
 
 import numpy as np
@@ -127,3 +128,174 @@ def test_predict_single_file_and_bad_arguments(calibrated, tmp_path, capsys):
   assert "nope" in capsys.readouterr().err
   assert predict.main(["--workdir", str(workdir), "--images", str(tmp_path / "missing"),
                        "--output", str(out)]) == 2
+
+
+def test_unique_names_never_collide():
+  from nerveseg_jax import predict
+  paths = [pathlib.Path(n) for n in ("a.tif", "a.png", "a_tif.png", "b.TIF", "b.tif", "c.jpg")]
+  names = predict._unique_names(paths)
+  # Unique stems keep their name; a taken name gets a counter.
+  assert names == ["a_tif_2", "a_png", "a_tif", "b_tif", "b_tif_2", "c"]
+
+
+def test_per_frame_results_hidden_files_and_calibration_in_summary(calibrated, tmp_path):
+  from nerveseg_jax import inference, postprocess, predict, rle
+  root, workdir = calibrated
+  images = tmp_path / "images"
+  images.mkdir()
+  with open(root / "raw" / "test_truth.csv", newline="") as f:
+    truth = {r["img"]: r["pixels"].strip() for r in csv.DictReader(f)}
+  nerve = [n for n, px in truth.items() if px][:2]
+  empty = [n for n, px in truth.items() if not px][:2]
+  for n in nerve + empty:
+    shutil.copy(root / "raw" / "test" / f"{n}.tif", images)
+  (images / ".DS_Store").write_bytes(b"\x00\x01")                   # hidden: counted
+  out = tmp_path / "out"
+  assert predict.main(["--workdir", str(workdir), "--images", str(images),
+                       "--output", str(out)]) == 0
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["files"] == 5 and summary["ignored"] == 1
+  assert summary["ignored_files"] == [str(images / ".DS_Store")]
+  # predict applied the calibration that evaluate saved in the workdir.
+  assert summary["calibration"] == postprocess.load_calibration(workdir).to_dict()
+  with open(out / "submission.csv", newline="") as f:
+    rows = {r["img"]: r["pixels"] for r in csv.DictReader(f)}
+  frames = {fr["name"]: fr for fr in summary["frames"]}
+  assert sorted(frames) == sorted(rows) == sorted(nerve + empty, key=int)
+  for name, fr in frames.items():
+    # Every frame without a nerve is reported as "No nerve found", with an empty mask.
+    assert fr["message"] == (inference.NERVE_FOUND if fr["decision"] else inference.NO_NERVE)
+    assert (rows[name] == "") == (not fr["decision"])
+    assert fr["area"] == int(rle.decode(rows[name]).sum()) and fr["file"].endswith(f"{name}.tif")
+  assert summary["nerve_found"] == sum(fr["decision"] for fr in frames.values())
+  assert summary["no_nerve_found"] == sum(not fr["decision"] for fr in frames.values())
+  assert sum(fr["message"] == "No nerve found" for fr in frames.values()) >= 1
+  printed = predict.format_summary(summary)
+  assert f"No nerve found  {summary['no_nerve_found']}" in printed
+
+
+class _FailsOnShape:
+  """The real predictor, except that frames of one shape fail in inference (say, OOM)."""
+
+  def __init__(self, predictor, bad_shape):
+    self._predictor, self._bad_shape = predictor, bad_shape
+    self.batch_size, self.calibration = predictor.batch_size, predictor.calibration
+
+  def describe(self):
+    return self._predictor.describe()
+
+  def predict(self, frames, names):
+    if any(f.shape == self._bad_shape for f in frames):
+      raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    return self._predictor.predict(frames, names)
+
+
+def test_a_frame_failing_in_inference_loses_only_itself(calibrated, tmp_path):
+  from nerveseg_jax import inference, predict
+  root, workdir = calibrated
+  images = tmp_path / "images"
+  images.mkdir()
+  for n in ("1", "2", "3"):
+    shutil.copy(root / "raw" / "test" / f"{n}.tif", images)
+  frame = imageio.read_gray(root / "raw" / "test" / "4.tif")
+  (images / "huge.png").write_bytes(_encode(frame[:300, :400], "PNG"))
+  real = inference.Predictor(workdir, batch_size=2)
+  summary = predict.predict_path(_FailsOnShape(real, (300, 400)), images, tmp_path / "out")
+  assert summary["files"] == 4 and summary["processed"] == 3 and summary["failed"] == 1
+  assert summary["failures"][0]["file"].endswith("huge.png")
+  assert "huge.png: inference failed" in summary["failures"][0]["error"]
+  assert "RESOURCE_EXHAUSTED" in summary["failures"][0]["error"]
+  # The frames that shared its batch are still processed, exactly as on their own.
+  want = real.predict([imageio.read_gray(images / f"{n}.tif") for n in ("1", "2", "3")],
+                      ["1", "2", "3"])
+  for r in want:
+    got = np.asarray(Image.open(tmp_path / "out" / "masks" / f"{r.name}.png"))
+    np.testing.assert_array_equal(got, r.mask * 255)
+  assert not (tmp_path / "out" / "masks" / "huge.png").exists()
+
+
+# ------------------------------------------------------------------ two-stage
+
+_CLASSIFIER_BIAS = -8.0   # a classifier that is sure no frame has a nerve
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory):
+  """A classifier workdir (configs/classifier.py:smoke's InceptionResNetV2) whose head
+  says "no nerve" for every frame: zero kernel, bias -8, so presence = sigmoid(-8)."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from nerveseg_jax import checkpoint, models
+  from nerveseg_jax.configs import classifier
+  config = classifier.get_config("smoke")
+  workdir = tmp_path_factory.mktemp("classifier") / "workdir"
+  workdir.mkdir()
+  (workdir / checkpoint.CONFIG_FILE).write_text(json.dumps(checkpoint.config_to_dict(config)))
+  model = models.build_model(config.model, rngs=nnx.Rngs(0))
+  model.head.kernel.value = jnp.zeros_like(model.head.kernel.value)
+  model.head.bias.value = jnp.full_like(model.head.bias.value, _CLASSIFIER_BIAS)
+  _, _, params, rest = nnx.split(model, nnx.RngState, nnx.Param, ...)
+  saver = checkpoint.TrainCheckpointer(workdir, keep=1, best_metric="presence_accuracy")
+  saver.save(1, {"params": params.to_pure_dict(), "rest": rest.to_pure_dict()}, {"step": 1})
+  saver.close()
+  return workdir
+
+
+def test_classifier_decides_presence_and_the_unet_draws_the_mask(calibrated, classifier_run):
+  import dataclasses
+  from nerveseg_jax import inference, postprocess
+  root, workdir = calibrated
+  frames = [imageio.read_gray(root / "raw" / "test" / f"{i}.tif") for i in range(1, 9)]
+  # The run's own calibration, with a presence threshold (0.01) that the smoke U-Net's
+  # weak presence head (about 0.4 on every frame) passes and the classifier does not.
+  cal = dataclasses.replace(postprocess.load_calibration(workdir), presence_threshold=0.01)
+  unet = inference.Predictor(workdir, batch_size=2, calibration=cal)
+  two_stage = inference.Predictor(workdir, classifier_run, batch_size=2, calibration=cal)
+  alone = unet.predict(frames)
+  assert any(r.decision for r in alone)          # the U-Net alone finds nerves here
+  want = 1.0 / (1.0 + np.exp(-_CLASSIFIER_BIAS))
+  gated = two_stage.predict(frames)
+  for r in gated:                                 # the classifier says no: "No nerve found"
+    assert r.presence == pytest.approx(want, rel=1e-4)
+    assert not r.decision and r.message == inference.NO_NERVE and r.mask.sum() == 0
+  # The mask probabilities are the U-Net's, untouched by the classifier ...
+  by_unet = sorted(unet.probabilities(frames), key=lambda t: t[0])
+  by_two = sorted(two_stage.probabilities(frames), key=lambda t: t[0])
+  for (_, p1, q1), (_, p2, q2) in zip(by_unet, by_two):
+    np.testing.assert_allclose(p1, p2, atol=1e-6)
+    assert q2 == pytest.approx(want, rel=1e-4)
+  # ... so once its presence passes the threshold, the masks are the U-Net's.
+  unet.calibration = two_stage.calibration = dataclasses.replace(cal, presence_threshold=0.0)
+  pairs = list(zip(unet.predict(frames), two_stage.predict(frames)))
+  assert any(b.decision for _, b in pairs)
+  for a, b in pairs:
+    np.testing.assert_array_equal(a.mask, b.mask)
+    assert a.decision == b.decision
+
+
+def test_predict_command_with_a_classifier(calibrated, classifier_run, tmp_path):
+  from nerveseg_jax import postprocess, predict
+  root, workdir = calibrated
+  saved = postprocess.load_calibration(workdir)
+  images = tmp_path / "images"
+  images.mkdir()
+  for n in ("1", "2", "3", "4"):
+    shutil.copy(root / "raw" / "test" / f"{n}.tif", images)
+  alone = tmp_path / "alone"
+  assert predict.main(["--workdir", str(workdir), "--images", str(images),
+                       "--output", str(alone)]) == 0
+  assert json.loads((alone / "summary.json").read_text())["nerve_found"] >= 1
+  out = tmp_path / "out"
+  assert predict.main(["--workdir", str(workdir), "--classifier_workdir", str(classifier_run),
+                       "--images", str(images), "--output", str(out)]) == 0
+  summary = json.loads((out / "summary.json").read_text())
+  # The U-Net's mask settings; the presence threshold is the classifier's (the default
+  # 0.5: this classifier run was never calibrated), not the U-Net head's.
+  assert summary["calibration"] == dict(saved.to_dict(), presence_threshold=0.5)
+  assert summary["processed"] == 4 and summary["no_nerve_found"] == 4
+  assert str(classifier_run) in summary["pipeline"]
+  want = 1.0 / (1.0 + np.exp(-_CLASSIFIER_BIAS))
+  for fr in summary["frames"]:
+    assert fr["message"] == "No nerve found" and fr["presence"] == pytest.approx(want, abs=2e-6)
+  with open(out / "submission.csv", newline="") as f:
+    assert [r["pixels"] for r in csv.DictReader(f)] == ["", "", "", ""]

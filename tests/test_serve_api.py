@@ -190,6 +190,26 @@ def test_healthz_is_503_while_loading_then_200(predictor):
     assert body["calibration"] == predictor.calibration.to_dict()
 
 
+def test_runs_load_once_and_inference_compiles_once(calibrated_run, smoke_run):
+  """Ready means compiled: frames of the warm-up size never compile again."""
+  calls = []
+
+  def load():
+    calls.append(1)
+    return inference.Predictor(calibrated_run, batch_size=2)
+
+  with TestClient(webapp.create_app(load)) as c:
+    _wait_ready(c)
+    p = c.app.state.worker.predictor
+    assert p._jitted._cache_size() == 1   # pylint: disable=protected-access
+    for name in ("1.tif", "2.tif", "3.tif"):
+      r = _post(c, name, (smoke_run / "raw" / "test" / name).read_bytes(),
+                params={"images": "false"})
+      assert r.status_code == 200, r.text
+    assert p._jitted._cache_size() == 1   # pylint: disable=protected-access
+    assert calls == [1]
+
+
 def test_healthz_reports_a_failed_load(tmp_path):
   def broken():
     return inference.Predictor(tmp_path)  # no config.json
@@ -247,6 +267,7 @@ def test_real_server_answers_20_concurrent_requests(calibrated_run, smoke_run):
   threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
   try:
     url = _read_ready_line(proc, stderr, timeout=180)
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url), url   # localhost by default
     health = httpx.get(f"{url}/healthz", timeout=10)
     assert health.status_code == 200 and health.json()["batch_size"] == 4
 

@@ -23,6 +23,9 @@ CHROMIUM = pathlib.Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
+LIMIT_BYTES = 1024 * 1024
+LIMIT_PIXELS = 600 * 600
+
 if not CHROMIUM.exists():
   pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium chromium-driver)",
               allow_module_level=True)
@@ -34,7 +37,9 @@ sync_api = pytest.importorskip(
 def server_url(calibrated_run):
   """A real uvicorn server on a free port, in a thread, with the calibrated smoke run."""
   import uvicorn
-  app = webapp.create_app(lambda: inference.Predictor(calibrated_run, batch_size=1))
+  # Limits small enough to test (a Kaggle frame, 420x580 and ~240 kB, still fits).
+  app = webapp.create_app(lambda: inference.Predictor(calibrated_run, batch_size=1),
+                          webapp.Limits(max_upload_bytes=LIMIT_BYTES, max_pixels=LIMIT_PIXELS))
   # log_config=None: leave process-wide logging (and pytest's capture) alone.
   server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None))
   thread = threading.Thread(target=server.run, daemon=True)
@@ -106,13 +111,17 @@ def test_upload_shows_overlay_decision_and_downloads(page, server_url, smoke_run
   for img in ("img.original", "img.overlay"):  # decoded PNGs, at the frame's size
     assert found.locator(img).evaluate("i => i.complete && i.naturalWidth") == 580
   assert found.locator(".presence").inner_text().endswith("%")
-  # The calibrated cut-off is marked, unless it is 0 (then the mask area alone decides).
-  cut = httpx.get(f"{server_url}/healthz").json()["calibration"]["presence_threshold"]
+  # The calibrated cut-off is marked; when it is 0 the page says the mask area decides.
+  cal = httpx.get(f"{server_url}/healthz").json()["calibration"]
+  cut = cal["presence_threshold"]
   threshold = found.locator(".threshold")
   if cut > 0:
     assert threshold.inner_text() == f"threshold {100 * cut:.1f}\u00a0%"
+  elif cal["min_area"] > 0:
+    assert threshold.inner_text() == (
+        f"not used: decided by mask area \u2265 {cal['min_area']:,} px")
   else:
-    assert threshold.is_hidden()
+    assert threshold.inner_text() == "not used: decided by the mask"
   assert "px" in found.locator(".area").inner_text()
 
   none = cards.nth(1)
@@ -166,3 +175,47 @@ def test_server_side_errors_appear_on_the_page(page, tmp_path):
   assert any("cut.tif" in e for e in errors), errors
   assert page.locator("#download-csv").is_disabled()
   _save_artifact(page, tmp_path, "serve_page_errors.png")
+
+
+def _drop(page, files: list[tuple[str, bytes, str]]) -> None:
+  """Drops files on the drop zone, as a drag from the desktop does (a real DataTransfer)."""
+  import base64
+  payload = [[name, base64.b64encode(data).decode("ascii"), mime] for name, data, mime in files]
+  transfer = page.evaluate_handle("""(files) => {
+    const dt = new DataTransfer();
+    for (const [name, b64, type] of files) {
+      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+      dt.items.add(new File([bytes], name, {type}));
+    }
+    return dt;
+  }""", payload)
+  page.dispatch_event("#dropzone", "dragenter", {"dataTransfer": transfer})
+  page.dispatch_event("#dropzone", "drop", {"dataTransfer": transfer})
+
+
+def test_dropped_files_and_size_limits_each_get_their_own_card(page, smoke_run, tmp_path):
+  """Drag and drop; a file over the size limit and an image over the pixel limit are
+  reported on their own cards, and the good frame dropped with them is still analysed."""
+  from PIL import Image
+  raw = smoke_run / "raw"
+  assert page.locator("#limit-mb").inner_text() == "1"      # the server's limit, shown
+  frame = (raw / "test" / "1.tif").read_bytes()
+  big = np.random.default_rng(0).integers(0, 256, LIMIT_BYTES + 500_000, dtype=np.uint8)
+  wide = io.BytesIO()
+  Image.fromarray(np.zeros((700, 700), np.uint8)).save(wide, format="PNG")  # few bytes
+  _drop(page, [("1.tif", frame, "image/tiff"), ("big.png", big.tobytes(), "image/png"),
+               ("wide.png", wide.getvalue(), "image/png")])
+  sync_api.expect(page.locator("#results .card.pending")).to_have_count(0, timeout=60_000)
+  cards = page.locator("#results .card")
+  assert cards.count() == 3
+  good = cards.nth(0)
+  assert "done" in good.get_attribute("class").split()
+  assert good.locator(".badge").inner_text() in ("Nerve found", "No nerve found")
+  assert good.locator("img.overlay").evaluate("i => i.complete && i.naturalWidth") == 580
+  big_error = cards.nth(1).locator(".error").inner_text()
+  assert "big.png: file too large" in big_error and "the limit is 1 MB" in big_error
+  wide_error = cards.nth(2).locator(".error").inner_text()
+  assert "wide.png: image too large: 700x700" in wide_error, wide_error
+  assert "2 could not be analysed" in page.locator("#summary").inner_text()
+  assert page.locator("#download-csv").inner_text() == "Download CSV (1)"
+  _save_artifact(page, tmp_path, "serve_page_limits.png")

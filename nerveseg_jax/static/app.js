@@ -10,6 +10,7 @@
   const state = {
     maxUploadBytes: 20 * 1024 * 1024,
     presenceThreshold: null,  // the calibrated decision threshold, from /healthz
+    minArea: 0,               // the calibrated minimum mask area (px), from /healthz
     ready: false,
     queue: [],      // {file, card} waiting to be sent
     active: 0,
@@ -36,6 +37,8 @@
         state.ready = true;
         const threshold = body.calibration && body.calibration.presence_threshold;
         state.presenceThreshold = typeof threshold === "number" ? threshold : null;
+        const minArea = body.calibration && body.calibration.min_area;
+        state.minArea = typeof minArea === "number" ? minArea : 0;
         setStatus("ready", "Model ready");
         pump();
         return;
@@ -144,7 +147,15 @@
 
     card.querySelector(".presence").textContent = `${r.presence_percent.toFixed(1)}\u00a0%`;
     card.querySelector(".meter-fill").style.width = `${clampPercent(r.presence_percent)}%`;
-    if (state.presenceThreshold) {
+    if (state.presenceThreshold === 0) {
+      // Calibration chose not to use presence: say what decides instead, so that
+      // 43 % "found" beside 42 % "not found" does not read as a contradiction.
+      const note = card.querySelector(".threshold");
+      note.textContent = state.minArea > 0
+        ? `not used: decided by mask area \u2265 ${state.minArea.toLocaleString("en")} px`
+        : "not used: decided by the mask";
+      note.hidden = false;
+    } else if (state.presenceThreshold) {
       // Where the calibrated threshold lies, so 43 % reads as "above the cut-off".
       // (A threshold of 0 means the mask area alone decides; no mark then.)
       const cut = 100 * state.presenceThreshold;
