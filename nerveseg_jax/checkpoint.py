@@ -76,13 +76,33 @@ def _diff(a: Any, b: Any, prefix: str) -> list[str]:
   return [] if norm(a) == norm(b) else [f"{prefix}: checkpoint {a!r} vs config {b!r}"]
 
 
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+  """The committed checkpoint steps of WORKDIR (half-written `*.orbax-checkpoint-tmp*`
+  directories are not steps)."""
+  directory = as_path(workdir) / CHECKPOINT_DIR
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
 def check_model_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """Raises CheckpointMismatchError when WORKDIR's saved model config differs from config."""
+  """Raises CheckpointMismatchError when WORKDIR holds checkpoints of another train state.
+
+  Compared with the saved WORKDIR/config.json: every `model.*` key, and whether
+  gradient clipping is on (`grad_clip_norm` > 0 adds a stage to the optimizer state).
+  A workdir without checkpoints (a run that stopped before its first save) is free.
+  """
   path = workdir / CONFIG_FILE
-  if not path.exists():
+  if not path.exists() or not checkpoint_steps(workdir):
     return
   saved = json.loads(path.read_text())
   diffs = _diff(saved.get("model", {}), config_to_dict(config).get("model", {}), "model")
+  clip = lambda v: bool(v) and float(v) > 0
+  if "grad_clip_norm" in saved and clip(saved["grad_clip_norm"]) != clip(
+      config.get("grad_clip_norm", 0.0)):
+    diffs.append(f"grad_clip_norm: checkpoint {saved['grad_clip_norm']!r} vs config "
+                 f"{config.get('grad_clip_norm')!r} (clipping on/off changes the optimizer "
+                 "state)")
   if diffs:
     raise CheckpointMismatchError(
         f"{workdir} holds checkpoints of a different model ({path}):\n  "
@@ -173,8 +193,15 @@ class TrainCheckpointer:
     model_keys = ("params", "rest")
     check_shapes({k: saved.get(k, {}) for k in model_keys},
                  {k: abstract_state[k] for k in model_keys}, f"{self.directory / str(step)}")
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except ValueError as e:
+      # Orbax's tree-structure message names the part (e.g. opt_state), not the cause.
+      raise CheckpointMismatchError(
+          f"the train state of this config does not match the checkpoint "
+          f"{self.directory / str(step)} (an optimizer setting such as grad_clip_norm "
+          f"changed since it was saved?): {e}") from None
     return out["state"], dict(out["meta"])
 
   def wait(self) -> None:
@@ -209,6 +236,8 @@ def _numpy_restore(path: pathlib.Path, keys: tuple[str, ...] | None = None) -> d
 def load_init_from(path: str | pathlib.Path, expected: Mapping[str, Any]) -> dict[str, Any]:
   """Weights for `expected` (pure dict of the model state) from a converted checkpoint.
 
+  `path` is what convert_keras writes, or the `state` item of a training checkpoint
+  (WORKDIR/checkpoints/STEP/state: its params and batch statistics are used).
   Partial restore by key: keys in both take the checkpoint's value; model keys the
   checkpoint lacks (a new head) keep their initial value; checkpoint keys the model
   lacks (an ImageNet top) are ignored. A kernel with 3 input channels feeding a
@@ -218,7 +247,28 @@ def load_init_from(path: str | pathlib.Path, expected: Mapping[str, Any]) -> dic
   path = as_path(path)
   if not path.exists():
     raise FileNotFoundError(f"init_from: checkpoint {path} does not exist")
-  raw = _numpy_restore(path)
+  if not path.is_dir():
+    raise CheckpointMismatchError(
+        f"init_from={path} is a file, not an Orbax checkpoint directory (a Keras .h5 "
+        "file is converted first: python -m nerveseg_jax.convert_keras --h5 FILE --out DIR)")
+  if (path / CHECKPOINT_DIR).is_dir():
+    raise CheckpointMismatchError(
+        f"init_from={path} is a training workdir; name one of its checkpoints instead, "
+        f"e.g. {path / CHECKPOINT_DIR / 'STEP' / 'state'}")
+  try:
+    top = tree_metadata(path)
+    # A training checkpoint's state item: its model arrays are under params/ and rest/.
+    train_state = isinstance(top, Mapping) and {"params", "rest"} <= set(top)
+    raw = _numpy_restore(path, keys=("params", "rest") if train_state else None)
+    if train_state:
+      raw = merge_nested(raw["params"], raw["rest"])
+  except (ValueError, FileNotFoundError, OSError) as e:
+    raise CheckpointMismatchError(
+        f"init_from={path} is not a readable Orbax checkpoint (convert_keras writes "
+        f"one): {e}") from None
+  if not isinstance(raw, Mapping):
+    raise CheckpointMismatchError(f"init_from={path}: the checkpoint is not a tree of "
+                                  "named arrays")
   src = flat_by_path(raw)
   problems = []
   flat_exp = jax.tree_util.tree_flatten_with_path(expected)[0]
@@ -243,6 +293,14 @@ def load_init_from(path: str | pathlib.Path, expected: Mapping[str, Any]) -> dic
         f"init_from={path}: no key of the checkpoint matches the model (checkpoint keys "
         f"start {sorted(src)[:3]}, model keys {[path_str(k) for k, _ in flat_exp[:3]]})")
   logging.info("init_from %s: %d of %d arrays restored", path, len(out), len(flat_exp))
+  return out
+
+
+def merge_nested(a: Mapping, b: Mapping) -> dict:
+  """Two nested dicts as one (params and non-parameter state of a model, by key)."""
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = merge_nested(out[k], v) if k in out and isinstance(v, Mapping) else v
   return out
 
 

@@ -182,11 +182,7 @@ def apply_init_from(config, state, shardings) -> Any:
   return state
 
 
-def _merge_dicts(a: Mapping, b: Mapping) -> dict:
-  out = dict(a)
-  for k, v in b.items():
-    out[k] = _merge_dicts(out[k], v) if k in out and isinstance(v, Mapping) else v
-  return out
+_merge_dicts = ckpt_lib.merge_nested
 
 
 # ----------------------------------------------------------------------------- steps
@@ -370,13 +366,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   classifier = _is_classifier(config)
   best_metric = "presence_accuracy" if classifier else "kaggle_score"
 
-  # The model check comes first so that a mismatched workdir loses nothing.
+  # The model check comes first, and config.json and the event files are written only
+  # once the train state is built or restored: a workdir that does not fit (another
+  # model, a config.json gone missing) is left exactly as it was.
   ckpt_lib.check_model_config(workdir, config)
   workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (workdir / ckpt_lib.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
-  writer = metric_writers.create_default_writer(
-      str(workdir), just_logging=jax.process_index() > 0)
   checkpointer = ckpt_lib.TrainCheckpointer(workdir, keep=int(config.keep_checkpoints),
                                             best_metric=best_metric)
 
@@ -401,16 +395,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       if int(meta.get("seed", config.seed)) != int(config.seed):
         logging.warning("config key seed=%s differs from the checkpoint's seed=%s: the run "
                         "continues with a different data order", config.seed, meta["seed"])
+      data_step = int(meta.get("data_step", start))
       logging.info("resumed from %s step %d", checkpointer.directory, start)
     else:
       start = 0
       state, shardings = init_state(config, parts, tx, mesh)
       if config.init_from:
         state = apply_init_from(config, state, shardings)
+      data_step = 0
     start = int(start)
+    if jax.process_index() == 0:
+      (workdir / ckpt_lib.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
+    writer = metric_writers.create_default_writer(
+        str(workdir), just_logging=jax.process_index() > 0)
 
+    # The data-iterator position saved with the checkpoint (one global batch per step).
     train_iter = pipeline.TrainIterator(train_arrays, int(config.batch_size), mesh,
-                                        seed=int(config.seed), start_step=start)
+                                        seed=int(config.seed), start_step=data_step)
 
     jit_step = jit_train_step(config, parts, tx, schedule, mesh, shardings)
     health = initial_health(mesh)

@@ -183,3 +183,85 @@ def test_remote_workdirs_keep_their_scheme(tmp_path, monkeypatch):
   assert str(as_path("gs://bucket/runs/unet")) == "gs://bucket/runs/unet"
   monkeypatch.chdir(tmp_path)
   assert str(as_path("runs/x")) == str(tmp_path / "runs" / "x")
+
+
+def _untouched(workdir, config_json):
+  """Asserts what a refused run must leave: the same config.json (or none), steps, no logs."""
+  assert (workdir / "config.json").exists() == (config_json is not None)
+  if config_json is not None:
+    assert (workdir / "config.json").read_text() == config_json
+  assert checkpoint.checkpoint_steps(workdir) == [1]
+  assert not list(workdir.glob("events.out.tfevents*"))
+
+
+def test_checkpoint_of_another_model_without_config_json(tmp_path_factory, tmp_path):
+  """A workdir whose config.json is gone: the restore itself names the keys, nothing changes."""
+  from test_train import smoke_data_dir  # pylint: disable=g-import-not-at-top
+  data_dir = smoke_data_dir(tmp_path_factory)
+  _write_run(tmp_path, _config(features=4), [0.5])
+  (tmp_path / "config.json").unlink()
+  cfg = _config(features=8)
+  cfg.data.data_dir = str(data_dir)
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match=r"(?s)does not match the checkpoint .*checkpoints/1.*kernel: "
+                           r"checkpoint \(.*vs model"):
+    train.train_and_evaluate(cfg, tmp_path)
+  _untouched(tmp_path, None)
+  # Same model, but gradient clipping switched off: the optimizer state has one stage
+  # less. Orbax's structure error comes back naming the checkpoint and the likely key.
+  cfg = _config(features=4)
+  cfg.data.data_dir = str(data_dir)
+  cfg.grad_clip_norm = 0.0
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match=r"(?s)checkpoints/1 .*grad_clip_norm.*opt_state"):
+    train.train_and_evaluate(cfg, tmp_path)
+  _untouched(tmp_path, None)
+
+
+def test_clipping_switched_off_is_refused_by_name(tmp_path):
+  _write_run(tmp_path, _config(), [0.5])
+  before = (tmp_path / "config.json").read_text()
+  cfg = _config()
+  cfg.grad_clip_norm = 0.0
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match=r"grad_clip_norm: checkpoint 1.0 vs config 0.0"):
+    train.train_and_evaluate(cfg, tmp_path)
+  _untouched(tmp_path, before)
+  cfg.grad_clip_norm = 5.0  # another threshold is the same optimizer state: allowed
+  checkpoint.check_model_config(tmp_path, cfg)
+
+
+def test_config_json_without_checkpoints_does_not_bind_the_workdir(tmp_path):
+  # A run that stopped before its first save: another model may use the workdir.
+  (tmp_path / "config.json").write_text(_config(features=4).to_json_best_effort())
+  checkpoint.check_model_config(tmp_path, _config(features=8))
+  (tmp_path / "checkpoints" / "5.orbax-checkpoint-tmp-1").mkdir(parents=True)
+  checkpoint.check_model_config(tmp_path, _config(features=8))
+  assert checkpoint.checkpoint_steps(tmp_path) == []
+
+
+def test_init_from_a_training_checkpoint_and_bad_paths(tmp_path):
+  cfg = _config()
+  saved = _write_run(tmp_path / "run", cfg, [0.5])
+  state, shardings = _fresh_state(cfg)
+  # The state item of a training checkpoint: its params (and batch statistics) are used.
+  cfg.init_from = str(tmp_path / "run" / "checkpoints" / "1" / "state")
+  new = train.apply_init_from(cfg, state, shardings)
+  for a, b in zip(_leaves(new["params"]), _leaves(saved[1]), strict=True):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(_leaves(new["rest"]), _leaves(state["rest"]), strict=True):
+    np.testing.assert_array_equal(a, b)  # saved with the fresh statistics
+  # A workdir, a Keras file given directly, and a directory that is no checkpoint.
+  cfg.init_from = str(tmp_path / "run")
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="is a training workdir"):
+    train.apply_init_from(cfg, state, shardings)
+  (tmp_path / "w.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+  cfg.init_from = str(tmp_path / "w.h5")
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=r"w\.h5 is a file.*convert_keras"):
+    train.apply_init_from(cfg, state, shardings)
+  (tmp_path / "plain").mkdir()
+  (tmp_path / "plain" / "readme.txt").write_text("hi")
+  cfg.init_from = str(tmp_path / "plain")
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match=r"plain is not a readable Orbax checkpoint"):
+    train.apply_init_from(cfg, state, shardings)

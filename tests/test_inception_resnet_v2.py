@@ -100,10 +100,9 @@ def test_bad_inputs_are_named(notop):
 
 
 def test_bf16_train_mode_forward(classifier_bf16):
-  """Train mode: finite bf16 forward, batch-norm statistics move, dropout is stochastic.
-
-  (Eval mode, the running statistics and the fp32 numerics are checked against Keras
-  in test_keras_import.py; the U-Net tests cover eval-mode determinism.)
+  """bf16 forward, finite. Train mode: batch-norm statistics move, dropout is stochastic.
+  Eval mode: deterministic, statistics frozen. (The fp32 numerics of eval mode are
+  checked against Keras in test_keras_import.py.)
   """
   model = _fill(classifier_bf16)
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 75, 75, 1)), jnp.float32)
@@ -121,6 +120,13 @@ def test_bf16_train_mode_forward(classifier_bf16):
   assert all(changed), f"{changed.count(False)} batch-norm statistics did not move"
   # Train mode normalises with batch statistics, so only dropout differs between calls.
   assert not np.array_equal(t1, t2)
+  # Eval mode: running statistics, no dropout, nothing moves.
+  settled = stats()
+  e1 = _forward(model, x)
+  e2 = _forward(model, x)
+  np.testing.assert_array_equal(e1, e2)
+  assert bool(jnp.isfinite(e1).all()) and not np.allclose(e1, t1)
+  assert all(np.array_equal(a, b) for a, b in zip(settled, stats()))
 
 
 def test_build_model_errors_name_the_key():

@@ -176,3 +176,56 @@ def test_gray_import_sums_the_rgb_kernel():
   # Only the first conv is summed; elsewhere a channel mismatch is an error.
   with pytest.raises(keras_import.KerasImportError, match=r"'conv2d_5' kernel"):
     keras_import._put(pathlib.Path("f.h5"), "conv2d_5", "kernel", kernel, rgb)
+
+
+def test_gray_conversion_cli_sums_the_stem(keras_files, legacy_model, capsys):
+  out = keras_files["tmp"] / "gray_ckpt"
+  rc = convert_keras.main(["--h5", str(keras_files["legacy"]), "--out", str(out),
+                           "--in_channels", "1"])
+  assert rc == 0, capsys.readouterr().err
+  assert "in_channels=1" in capsys.readouterr().out
+  found = ckpt_lib.load_init_from(out, {"stem": {"conv_1a": {"conv": {
+      "kernel": jax.ShapeDtypeStruct((3, 3, 1, 32), jnp.float32)}}}})
+  rgb = np.asarray(legacy_model.stem.conv_1a.conv.kernel[...])
+  np.testing.assert_allclose(found["stem/conv_1a/conv/kernel"],
+                             rgb.sum(axis=2, keepdims=True), rtol=1e-6)
+
+
+def _convert_fails(tmp_path, h5, capsys) -> str:
+  out = tmp_path / "never"
+  assert convert_keras.main(["--h5", str(h5), "--out", str(out)]) == 2
+  assert not out.exists()
+  return capsys.readouterr().err
+
+
+def test_other_models_and_formats_are_refused(tmp_path, capsys):
+  # Another network's weights (a small all-auto-named CNN): the layer count says so.
+  other = tmp_path / "resnet_like.h5"
+  rng = np.random.default_rng(0)
+  _write_legacy_h5(other, [
+      ("conv2d", [("kernel", rng.normal(size=(7, 7, 3, 64)).astype(np.float32))]),
+      ("batch_normalization", [(w, np.ones(64, np.float32)) for w in
+                               ("gamma", "beta", "moving_mean", "moving_variance")]),
+      ("conv2d_1", [("kernel", rng.normal(size=(3, 3, 64, 64)).astype(np.float32))]),
+  ])
+  with pytest.raises(keras_import.KerasImportError,
+                     match=r"resnet_like\.h5: 2 auto-named conv2d layers.*has 203"):
+    keras_import.build_from_keras(other)
+  assert "resnet_like.h5" in _convert_fails(tmp_path, other, capsys)
+  # A whole-model .keras archive (a zip) is named as such, with what to do instead.
+  archive = tmp_path / "model.keras"
+  import zipfile  # pylint: disable=g-import-not-at-top
+  with zipfile.ZipFile(archive, "w") as z:
+    z.writestr("config.json", "{}")
+  with pytest.raises(keras_import.KerasImportError, match=r"model\.keras: a zip archive"):
+    keras_import.read_weights(archive)
+  # Not HDF5 at all, and HDF5 without Keras weights.
+  text = tmp_path / "notes.h5"
+  text.write_text("not weights")
+  assert "notes.h5: not a readable Keras HDF5" in _convert_fails(tmp_path, text, capsys)
+  empty = tmp_path / "empty.h5"
+  with h5py.File(empty, "w") as f:
+    f.create_group("something")
+  with pytest.raises(keras_import.KerasImportError, match=r"empty\.h5: HDF5 file without"):
+    keras_import.read_weights(empty)
+  assert "does not exist" in _convert_fails(tmp_path, tmp_path / "absent.h5", capsys)

@@ -62,3 +62,6 @@ def test_two_processes_train_together(tmp_path_factory, tmp_path):
   steps = [p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
   assert steps == [str(STEPS)]
   assert "process 0 of 2" in outs[0] + outs[1]
+  # Only process 0 writes: one TensorBoard event file and one config.json for the run.
+  assert len(list(workdir.glob("events.out.tfevents*"))) == 1
+  assert (workdir / "config.json").exists()

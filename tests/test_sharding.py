@@ -70,3 +70,57 @@ def test_bad_launcher_environment(monkeypatch, env, match):
     monkeypatch.setenv(k, v)
   with pytest.raises(ValueError, match=match):
     sharding.maybe_initialize_distributed()
+
+
+_CLUSTER_VARS = ("NERVESEG_COORDINATOR", "NERVESEG_NUM_PROCESSES", "NERVESEG_PROCESS_ID",
+                 "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                 "SLURM_LOCALID", "OMPI_MCA_orte_hnp_uri")
+
+
+@pytest.fixture
+def fake_initialize(monkeypatch):
+  """Records jax.distributed.initialize calls instead of starting a cluster."""
+  for k in _CLUSTER_VARS:
+    monkeypatch.delenv(k, raising=False)
+  calls = []
+  monkeypatch.setattr(sharding, "_initialized", False)
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  updates = []
+  monkeypatch.setattr(jax.config, "update", lambda *a: updates.append(a))
+  return calls, updates
+
+
+def test_launcher_variables_start_jax_distributed(fake_initialize, monkeypatch):
+  calls, updates = fake_initialize
+  monkeypatch.setenv("NERVESEG_COORDINATOR", "10.0.0.1:1234")
+  monkeypatch.setenv("NERVESEG_NUM_PROCESSES", "4")
+  monkeypatch.setenv("NERVESEG_PROCESS_ID", "3")
+  monkeypatch.setattr(jax, "process_index", lambda: 3)
+  assert sharding.maybe_initialize_distributed() is True
+  assert calls == [dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3,
+                        initialization_timeout=300)]
+  assert ("jax_cpu_collectives_implementation", "gloo") in updates  # CPU processes
+  assert sharding.maybe_initialize_distributed() is True and len(calls) == 1  # once
+
+
+@pytest.mark.parametrize("ntasks,started", [("2", True), ("1", False)])
+def test_slurm_is_detected_by_jax(fake_initialize, monkeypatch, ntasks, started):
+  calls, _ = fake_initialize
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  for k, v in dict(SLURM_JOB_ID="77", SLURM_STEP_NODELIST="node[001-002]",
+                   SLURM_NTASKS=ntasks, SLURM_PROCID="0", SLURM_LOCALID="0").items():
+    monkeypatch.setenv(k, v)
+  assert sharding.maybe_initialize_distributed() is started
+  # JAX's own SLURM detection fills in coordinator, count and id: no arguments here.
+  assert calls == ([dict(initialization_timeout=300)] if started else [])
+
+
+def test_no_pmap_in_the_package():
+  """One mesh and jit shardings everywhere: no jax.pmap (nor its xmap/pjit relatives)."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(sharding.__file__).parent
+  sources = list(root.rglob("*.py")) + list((root.parent / "configs").rglob("*.py"))
+  assert len(sources) > 10
+  used = [str(p) for p in sources if re.search(r"\b(pmap|xmap|pjit)\s*\(", p.read_text())]
+  assert not used, used

@@ -105,7 +105,15 @@ def test_smoke_training_loss_goes_down(reference):
               "val_images_per_sec", "train_dice", "train_presence_accuracy"):
     assert key in result, key
   assert 0.0 <= result["val_kaggle_score"] <= 1.0
-  assert (workdir / "config.json").exists() and list(workdir.glob("events.out.tfevents*"))
+  assert (workdir / "config.json").exists()
+  tags = _event_tags(workdir)
+  for tag in ("train/loss", "train/dice", "train/presence_accuracy", "train/learning_rate",
+              "val/kaggle_score", "val/nerve_dice", "val/presence_accuracy",
+              "val/images_per_sec", "steps_per_sec", "compile/train_step"):
+    assert tag in tags, (tag, sorted(tags))
+  assert re.search(r"compiled train_step in [0-9.]+s; memory: arguments",
+                   tags["compile/train_step"]), tags["compile/train_step"]
+  assert result["compile_seconds"] > 0
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps[-1] == STEPS and 20 in steps  # last, and the best-scored are kept
   config, model = checkpoint.load_model(workdir, which="latest")
@@ -115,14 +123,116 @@ def test_smoke_training_loss_goes_down(reference):
   assert again["start_step"] == STEPS
 
 
+def _event_tags(workdir) -> dict[str, str]:
+  """{tag: last text value or ''} over the TensorBoard event files of a workdir."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tags = {}
+  files = sorted(workdir.glob("events.out.tfevents*"))
+  assert files, f"no event file in {workdir}"
+  for path in files:
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        text = ""
+        if value.metadata.plugin_data.plugin_name == "text":
+          text = tf.make_ndarray(value.tensor).reshape(-1)[0].decode()
+        tags[value.tag] = text
+  return tags
+
+
+def test_optimizer_is_adamw_warmup_cosine_with_clipping():
+  c = unet.get_config("smoke")
+  c.update(num_train_steps=100, warmup_steps=10, learning_rate=1e-2, grad_clip_norm=1.0,
+           weight_decay=0.1)
+  tx, schedule = train.make_optimizer(c)
+  # Linear warmup to the peak, then cosine down to 0 at num_train_steps.
+  np.testing.assert_allclose([schedule(s) for s in (0, 5, 10, 55, 100)],
+                             [0.0, 5e-3, 1e-2, 5e-3, 0.0], rtol=1e-5, atol=1e-9)
+  params = {"kernel": np.ones((2, 3), np.float32), "bias": np.ones((3,), np.float32)}
+  # Clipping: huge gradients act exactly like the same gradients scaled to norm 1
+  # fed to the unclipped optimizer (two steps, so Adam's moments see the scale).
+  grads = [{"kernel": np.full((2, 3), 1e4, np.float32), "bias": np.full((3,), -2e4, np.float32)},
+           {"kernel": np.full((2, 3), 0.1, np.float32), "bias": np.zeros((3,), np.float32)}]
+  unclipped, _ = train.make_optimizer(dict_config(c, grad_clip_norm=0.0))
+  s1, s2 = tx.init(params), unclipped.init(params)
+  for g in grads:
+    norm = float(np.sqrt(sum(np.sum(np.square(v)) for v in g.values())))
+    u1, s1 = tx.update(g, s1, params)
+    u2, s2 = unclipped.update(jax.tree.map(lambda v: v / max(norm, 1.0), g), s2, params)
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+      np.testing.assert_allclose(a, b, rtol=1e-5)
+  # Decoupled weight decay on kernels only: with zero gradients a kernel shrinks by
+  # lr * weight_decay * p, a bias not at all.
+  zeros = jax.tree.map(np.zeros_like, params)
+  state = tx.init(params)
+  _, state = tx.update(zeros, state, params)           # step 0: learning rate 0
+  u, _ = tx.update(zeros, state, params)               # step 1: learning rate 1e-3
+  np.testing.assert_allclose(u["kernel"], -1e-3 * 0.1 * params["kernel"], rtol=1e-5)
+  np.testing.assert_array_equal(u["bias"], 0.0)
+
+
+def dict_config(c, **overrides):
+  c = c.copy_and_resolve_references()
+  c.update(overrides)
+  return c
+
+
+def test_state_is_created_sharded_and_the_step_donates_it():
+  from nerveseg_jax import sharding  # pylint: disable=g-import-not-at-top
+  cfg = smoke_config("", **{"mesh.data": 2, "mesh.fsdp": 4})
+  mesh = sharding.make_mesh(cfg.mesh)
+  tx, schedule = train.make_optimizer(cfg)
+  parts = train.model_parts(cfg)
+  state, shardings = train.init_state(cfg, parts, tx, mesh)
+  for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
+    assert leaf.sharding == want
+  # FSDP: kernels are physically split over the 4 fsdp devices, and Adam's moments
+  # (the optimizer state) have the very same layout as the parameters.
+  params = jax.tree.leaves(state["params"])
+  split = [p for p in params if "fsdp" in p.sharding.spec]
+  assert len(split) >= len(params) // 2, [p.sharding.spec for p in params]
+  for p in split:
+    dim = list(p.sharding.spec).index("fsdp")
+    assert p.addressable_shards[0].data.shape[dim] * 4 == p.shape[dim]
+  layout = lambda tree: sorted((x.shape, str(x.sharding.spec)) for x in jax.tree.leaves(tree))
+  flat = jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]
+  for moment in ("mu", "nu"):
+    leaves = [x for path, x in flat if f".{moment}" in jax.tree_util.keystr(path)]
+    assert layout(leaves) == layout(state["params"]), moment
+  h, w = cfg.data.image_size
+  batch = {"image": np.zeros((8, h, w, 1), np.float32), "mask": np.zeros((8, h, w, 1), np.float32),
+           "has_nerve": np.zeros((8,), np.float32)}
+  batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+  step = train.jit_train_step(cfg, parts, tx, schedule, mesh, shardings)
+  new, health, _, _ = step(state, train.initial_health(mesh), batch)
+  # Donated: the old state's buffers were reused for the new one.
+  assert all(x.is_deleted() for x in jax.tree.leaves(state["params"]))
+  for leaf, want in zip(jax.tree.leaves(new), jax.tree.leaves(shardings), strict=True):
+    assert leaf.sharding == want
+  assert int(new["step"]) == 1 and float(health[0]) == -1.0
+
+
+def assert_same_curve(got, want):
+  """Same loss curve up to floating-point reduction order.
+
+  Another device count sums the gradient and the batch-norm statistics in another
+  order (~1e-7 relative); training amplifies that drift step by step (measured: 1e-6 at
+  step 5, ~1e-3 by step 30). So the first steps must agree tightly, where any real
+  difference (per-device statistics, a wrong gradient mean, other data) would show at
+  once, and the whole curve within the drift.
+  """
+  got, want = np.asarray(got), np.asarray(want)
+  assert got.shape == want.shape == (STEPS,)
+  np.testing.assert_allclose(got[:6], want[:6], rtol=2e-5)
+  np.testing.assert_allclose(got, want, rtol=3e-3)
+
+
 def test_fsdp_mesh_gives_the_same_curve(data_dir, reference, tmp_path):
   _, ref = reference
   # Same num_train_steps as the reference: the schedule depends on it.
   cfg = smoke_config(data_dir, checkpoint_every_steps=STEPS, eval_every_steps=STEPS,
                      **{"mesh.data": 2, "mesh.fsdp": 4})
   out = train.train_and_evaluate(cfg, tmp_path)
-  np.testing.assert_allclose([h["loss"] for h in out["history"]],
-                             [h["loss"] for h in ref["history"]], rtol=1e-3)
+  assert_same_curve([h["loss"] for h in out["history"]], [h["loss"] for h in ref["history"]])
 
 
 def test_one_device_gives_the_same_curve(data_dir, reference, tmp_path):
@@ -143,7 +253,7 @@ def test_one_device_gives_the_same_curve(data_dir, reference, tmp_path):
                      text=True, timeout=300, cwd=REPO)
   assert p.returncode == 0, p.stderr[-3000:]
   one = json.loads(p.stdout.split("HISTORY=")[1].splitlines()[0])
-  np.testing.assert_allclose(one, [h["loss"] for h in ref["history"]], rtol=1e-3)
+  assert_same_curve(one, [h["loss"] for h in ref["history"]])
 
 
 def _wait_for_checkpoint(proc, workdir, step, timeout=240):
@@ -256,3 +366,49 @@ def test_missing_kaggle_download_is_one_message(tmp_path):
   assert p.returncode != 0
   assert "Traceback" not in p.stderr, p.stderr[-3000:]
   assert "data.manual_dir" in p.stderr and "kaggle" in p.stderr.lower()
+
+
+@pytest.mark.slow
+def test_classifier_trains_from_a_converted_checkpoint(data_dir, tmp_path):
+  """configs/classifier.py:smoke with --config.init_from=DIR, DIR as convert_keras writes it.
+
+  learning_rate=0 leaves the parameters where init_from put them, so the trained
+  workdir shows what was loaded: the RGB stem summed to gray, every backbone array by
+  key, and the 1-logit head (absent from the file) at its initial value.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax.models import keras_import  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  notop = nnx.merge(*keras_import.abstract_notop(3))
+  pure = nnx.state(notop, nnx.Any(nnx.Param, nnx.BatchStat)).to_pure_dict()
+  flat = jax.tree_util.tree_flatten_with_path(pure)
+  values = [rng.uniform(0.5, 1.5, a.shape).astype(np.float32) if checkpoint.path_str(p)
+            .endswith("/var") else (0.02 * rng.standard_normal(a.shape)).astype(np.float32)
+            for p, a in flat[0]]
+  pure = jax.tree_util.tree_unflatten(flat[1], values)
+  converted = tmp_path / "imagenet_notop"
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(converted, pure)
+  workdir = tmp_path / "run"
+  args = [sys.executable, "-m", "nerveseg_jax.train", "--config",
+          str(REPO / "configs" / "classifier.py") + ":smoke", f"--workdir={workdir}",
+          f"--config.data.data_dir={data_dir}", f"--config.init_from={converted}",
+          "--config.num_train_steps=2", "--config.learning_rate=0.0",
+          "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2"]
+  p = subprocess.run(args, cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True,
+                     timeout=900)
+  assert p.returncode == 0, p.stderr[-3000:]
+  result = run_result(p.stdout)
+  assert np.isfinite(float(result["train_loss"])) and np.isfinite(float(result["val_loss"]))
+  assert 0.0 <= float(result["val_presence_accuracy"]) <= 1.0
+  config, model = checkpoint.load_model(workdir, which="latest")
+  assert config.model.name == "inception_resnet_v2" and tuple(config.data.image_size) == (75, 75)
+  got = checkpoint.flat_by_path(nnx.state(model, nnx.Param).to_pure_dict())
+  src = checkpoint.flat_by_path(pure)
+  stem = "stem/conv_1a/conv/kernel"
+  np.testing.assert_allclose(got[stem], src[stem].sum(axis=2, keepdims=True), rtol=1e-6)
+  for key in ("block35/0/up/kernel", "block17/19/up/bias", "conv_7b/conv/kernel",
+              "mixed_6a/b1_2/bn/bias"):
+    np.testing.assert_array_equal(got[key], src[key])
+  assert got["head/kernel"].shape == (1536, 1) and "head/kernel" not in src
+  assert np.abs(got["head/kernel"]).max() > 0  # the head kept its own initialisation

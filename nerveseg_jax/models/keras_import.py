@@ -20,6 +20,7 @@ which keeps the response to a gray image copied into R, G and B.
 import functools
 import pathlib
 import re
+import zipfile
 from typing import Any
 
 import h5py
@@ -69,6 +70,10 @@ def read_weights(path: str | pathlib.Path) -> dict[str, list[np.ndarray]]:
   path = pathlib.Path(path).expanduser()
   if not path.is_file():
     raise FileNotFoundError(f"Keras weights file {path} does not exist")
+  if zipfile.is_zipfile(path):
+    raise KerasImportError(
+        f"{path}: a zip archive (a whole-model `.keras` file?), not an HDF5 weights file; "
+        "extract its model.weights.h5, or save one with model.save_weights('x.weights.h5')")
   try:
     with h5py.File(path, "r") as f:
       root = f["model_weights"] if "model_weights" in f else f
