@@ -1,7 +1,8 @@
 """Evaluate a trained run at source resolution, as Kaggle scores it, and calibrate it.
 
   python -m nerveseg_jax.evaluate --workdir DIR [--config CONFIG] \
-      [--split val|train|all|test] [--folder PATH] [--tta] [--no_calibrate]
+      [--split val|train|all|test] [--folder PATH] [--tta] [--no_calibrate] \
+      [--classifier_workdir CLS]
 
 Default: the validation fold of the run's own config (WORKDIR/config.json; --config
 overrides it). Predictions are resized back to each frame's source size and scored
@@ -10,6 +11,15 @@ calibrated (postprocess.search) and saved to WORKDIR/calibration.json; other spl
 use the saved calibration. Writes WORKDIR/eval/metrics.json (or
 WORKDIR/eval/<split>/metrics.json for other splits) and report.html next to it, and
 prints a table with the metrics before and after calibration.
+
+--classifier_workdir CLS evaluates the two-stage pipeline through the same
+inference.Predictor that predict and serve use: the classifier decides presence, the
+U-Net draws the mask with its own calibrated mask settings (a U-Net never calibrated
+is first calibrated alone). On the validation split the classifier's presence
+threshold is then calibrated (current threshold kept on ties, so the score never
+drops) and saved to CLS/calibration.json, where Predictor reads it; WORKDIR's own
+calibration.json is not changed. metrics.json names the classifier ("pipeline",
+"classifier_workdir").
 
 --folder PATH scores a labelled folder instead: PATH/images/NAME.ext with
 PATH/masks/NAME_mask.ext, or Kaggle's flat NAME.tif with NAME_mask.tif. A frame or
@@ -187,20 +197,27 @@ def summarize(dice: np.ndarray, found: np.ndarray, has_nerve: np.ndarray) -> dic
       num_frames=int(dice.size), num_nerve_frames=int(has_nerve.sum()))
 
 
-def calibrate(predictor: inference.Predictor, frames: Iterable[Labelled]
+def calibrate(predictor: inference.Predictor, frames: Iterable[Labelled], *,
+              presence_only: bool = False
               ) -> tuple[postprocess.SearchResult, dict[str, Any]]:
   """Grid-searches the post-processing on labelled frames (one pass of inference).
 
-  Returns the search result and the full metrics of the uncalibrated defaults.
+  By default every setting is searched, starting from the uncalibrated defaults.
+  With `presence_only` (the two-stage pipeline: the predictor's presence is its
+  classifier's), the predictor's current mask settings are kept and only the presence
+  threshold is searched, starting from the predictor's current one.
+  Returns the search result and the full metrics of the starting calibration.
   """
-  stats = postprocess.FrameStats()
+  start = predictor.calibration if presence_only else Calibration()
+  stats = (postprocess.FrameStats((start.mask_threshold,)) if presence_only
+           else postprocess.FrameStats())
   for chunk in _chunks(frames, _CHUNK):
     for i, prob, presence in predictor.probabilities([f.image for f in chunk]):
       stats.add(prob, presence, chunk[i].truth)
-  result = postprocess.search(stats)
+  result = (postprocess.search_presence(stats, start) if presence_only
+            else postprocess.search(stats))
   a = stats.arrays()
-  default = Calibration()
-  before = summarize(stats.per_frame_dice(default), stats.decisions(default),
+  before = summarize(stats.per_frame_dice(start), stats.decisions(start),
                      a["truth_area"] > 0)
   return result, before
 
@@ -230,10 +247,31 @@ def score(predictor: inference.Predictor, frames: Iterable[Labelled],
 
 # ---------------------------------------------------------------------------- the face
 
+def _calibrate_segmentation(predictor: inference.Predictor, frames: Iterable[Labelled],
+                            workdir: pathlib.Path, *, tta: bool, which: str
+                            ) -> tuple[postprocess.SearchResult, dict[str, Any]]:
+  """Calibrates a segmentation run alone and saves WORKDIR/calibration.json."""
+  result, before = calibrate(predictor, frames)
+  postprocess.save_calibration(workdir, result.calibration, dict(
+      before=result.default_score, after=result.score, frames=result.num_frames,
+      grid_size=result.grid_size, tta=tta, checkpoint=which))
+  return result, before
+
+
 def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
         folder: str | None = None, tta: bool = False, batch_size: int | None = None,
-        which: str = "best", calibrate_split: bool = True) -> dict[str, Any]:
-  """Evaluates (and on the validation split calibrates) a run; writes metrics.json."""
+        which: str = "best", calibrate_split: bool = True,
+        classifier_workdir: str | pathlib.Path | None = None) -> dict[str, Any]:
+  """Evaluates (and on the validation split calibrates) a run; writes metrics.json.
+
+  With `classifier_workdir`, the two-stage pipeline is evaluated: the classifier
+  decides presence and the segmentation run draws the mask, with the settings
+  inference.Predictor gives that pair (the run's mask settings, the classifier's
+  presence threshold). Calibration on the validation split then chooses the
+  classifier's presence threshold and saves it to CLASSIFIER_WORKDIR/calibration.json,
+  where Predictor reads it; the run's own calibration.json is left as it is (a run
+  never calibrated is first calibrated alone, as without a classifier).
+  """
   workdir = pathlib.Path(workdir).expanduser()
   if config is None:
     from nerveseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
@@ -241,8 +279,8 @@ def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
   if split not in SPLITS:
     raise ValueError(f"--split must be one of {SPLITS}, got {split!r}")
   batch_size = batch_size or int(config.get("eval_batch_size", 8))
-  predictor = inference.Predictor([workdir], tta=tta, batch_size=batch_size, which=which,
-                                  calibration=Calibration())
+  classifier_dir = (pathlib.Path(classifier_workdir).expanduser() if classifier_workdir
+                    else None)
   saved = postprocess.load_calibration(workdir)
   skipped: list[dict[str, str]] = []
   if folder:
@@ -253,23 +291,71 @@ def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
   out_dir = workdir / "eval" if (split == "val" and not folder) else (
       workdir / "eval" / ("folder_" + pathlib.Path(folder).name if folder else split))
   out: dict[str, Any] = dict(workdir=str(workdir), source=source, checkpoint=which, tta=tta)
+  calibrating = split == "val" and not folder and calibrate_split
 
-  if split == "val" and not folder and calibrate_split:
-    inference.log(f"calibrating on {source} ...")
-    result, before = calibrate(predictor, frames())
-    predictor.calibration = result.calibration
-    postprocess.save_calibration(workdir, result.calibration, dict(
-        before=result.default_score, after=result.score, frames=result.num_frames,
-        grid_size=result.grid_size, tta=tta, checkpoint=which))
-    out["calibration_search"] = dict(grid_size=result.grid_size, frames=result.num_frames,
-                                     saved=str(workdir / postprocess.CALIBRATION_FILE))
-    out["before_calibration"] = before
+  if classifier_dir is None:
+    out["classifier_workdir"] = None
+    out["pipeline"] = "segmentation only: the run's presence head decides presence"
+    predictor = inference.Predictor([workdir], tta=tta, batch_size=batch_size, which=which,
+                                    calibration=Calibration())
+    if calibrating:
+      inference.log(f"calibrating on {source} ...")
+      result, before = _calibrate_segmentation(predictor, frames(), workdir, tta=tta,
+                                               which=which)
+      predictor.calibration = result.calibration
+      out["calibration_search"] = dict(grid_size=result.grid_size, frames=result.num_frames,
+                                       saved=str(workdir / postprocess.CALIBRATION_FILE))
+      out["before_calibration"] = before
+    else:
+      predictor.calibration = saved or Calibration()
+      out["calibration_source"] = (str(workdir / postprocess.CALIBRATION_FILE) if saved
+                                   else "defaults (run not calibrated)")
   else:
-    predictor.calibration = saved or Calibration()
-    out["calibration_source"] = (str(workdir / postprocess.CALIBRATION_FILE) if saved
-                                 else "defaults (run not calibrated)")
+    out["classifier_workdir"] = str(classifier_dir)
+    out["pipeline"] = (f"two-stage: the classifier {classifier_dir} decides presence, "
+                       f"the segmentation run {workdir} draws the mask")
+    if calibrating and saved is None:
+      # The mask settings are the run's own; a run never calibrated gets them first.
+      inference.log(f"{workdir} was never calibrated: calibrating it alone on {source} ...")
+      alone = inference.Predictor([workdir], tta=tta, batch_size=batch_size, which=which,
+                                  calibration=Calibration())
+      result, _ = _calibrate_segmentation(alone, frames(), workdir, tta=tta, which=which)
+      del alone
+      saved = result.calibration
+      out["segmentation_calibration_search"] = dict(
+          grid_size=result.grid_size, frames=result.num_frames,
+          saved=str(workdir / postprocess.CALIBRATION_FILE))
+    # calibration=None: exactly the settings predict and serve use for this pair.
+    predictor = inference.Predictor([workdir], classifier_dir, tta=tta,
+                                    batch_size=batch_size, which=which, calibration=None)
+    cls_file = classifier_dir / postprocess.CALIBRATION_FILE
+    if calibrating:
+      inference.log(f"calibrating the classifier's presence threshold on {source} ...")
+      result, before = calibrate(predictor, frames(), presence_only=True)
+      predictor.calibration = result.calibration
+      # Predictor reads only presence_threshold from the classifier's file; the mask
+      # settings it was calibrated with are kept there as a record.
+      postprocess.save_calibration(classifier_dir, result.calibration, dict(
+          before=result.default_score, after=result.score, frames=result.num_frames,
+          grid_size=result.grid_size, tta=tta, checkpoint=which,
+          segmentation_workdir=str(workdir),
+          note=("only presence_threshold is used (by inference.Predictor with this "
+                "classifier); the mask settings are the segmentation run's")))
+      out["calibration_search"] = dict(
+          grid_size=result.grid_size, frames=result.num_frames, saved=str(cls_file),
+          searched="the classifier's presence_threshold (mask settings: "
+                   f"{workdir / postprocess.CALIBRATION_FILE})")
+      out["before_calibration"] = before
+    else:
+      out["calibration_source"] = (
+          "mask settings: " + (str(workdir / postprocess.CALIBRATION_FILE) if saved
+                               else "defaults (run not calibrated)")
+          + "; presence threshold: " + (str(cls_file) if cls_file.exists()
+                                        else "the default (classifier not calibrated)"))
   out["calibration"] = predictor.calibration.to_dict()
-  builder = report.ReportBuilder(f"Evaluation of {workdir.name} on {source}")
+  builder = report.ReportBuilder(f"Evaluation of {workdir.name} on {source}"
+                                 + (f" with classifier {classifier_dir.name}"
+                                    if classifier_dir else ""))
   inference.log(f"scoring {source} ...")
   metrics, rows = score(predictor, frames(), builder)
   out["metrics"] = metrics
@@ -295,7 +381,9 @@ def format_table(out: dict[str, Any]) -> str:
   """A readable table: one column per calibration state."""
   columns = []
   if "before_calibration" in out:
-    columns.append(("default", out["before_calibration"]))
+    # With a classifier the starting point is the pipeline's saved settings.
+    columns.append(("before" if out.get("classifier_workdir") else "default",
+                    out["before_calibration"]))
   columns.append(("calibrated" if "before_calibration" in out else "score", out["metrics"]))
   keys = ("kaggle_score", "dice_nerve_frames", "presence_precision", "presence_recall")
   lines = [f"{out['source']}  ({out['metrics']['num_frames']} frames, "
@@ -308,7 +396,11 @@ def format_table(out: dict[str, Any]) -> str:
     lines.append(f"{k:<22}" + "".join(f"{m['confusion'][k]:>12d}" for _, m in columns))
   for f in out.get("skipped", []):
     lines.append(f"SKIPPED {f['error']}")
+  if out.get("classifier_workdir"):
+    lines.append(f"pipeline: {out['pipeline']}")
   lines.append(f"calibration: {out['calibration']}")
+  if "calibration_search" in out:
+    lines.append(f"saved calibration to {out['calibration_search']['saved']}")
   lines.append(f"wrote {out['output_dir']}/metrics.json and report.html")
   return "\n".join(lines)
 
@@ -324,6 +416,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--tta", action="store_true")
   p.add_argument("--batch_size", type=int, default=None)
   p.add_argument("--which", choices=("best", "latest"), default="best")
+  p.add_argument("--classifier_workdir", default=None,
+                 help="evaluate the two-stage pipeline: this classifier run decides "
+                      "presence; on the validation split its presence threshold is "
+                      "calibrated and saved to CLASSIFIER_WORKDIR/calibration.json")
   p.add_argument("--no_calibrate", action="store_true",
                  help="on the validation split, score the saved calibration instead")
   return p.parse_args(argv)
@@ -348,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = _config_from_file(args.config) if args.config else None
     out = run(args.workdir, config=config, split=args.split, folder=args.folder,
               tta=args.tta, batch_size=args.batch_size, which=args.which,
-              calibrate_split=not args.no_calibrate)
+              calibrate_split=not args.no_calibrate,
+              classifier_workdir=args.classifier_workdir)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

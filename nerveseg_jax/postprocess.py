@@ -234,7 +234,8 @@ def _score(inter: np.ndarray, area: np.ndarray, truth_area: np.ndarray,
 class SearchResult:
   calibration: Calibration
   score: float                    # mean Dice over the frames with `calibration`
-  default_score: float            # mean Dice with Calibration() (uncalibrated)
+  default_score: float            # mean Dice of the starting point: Calibration()
+                                  # (uncalibrated) for search, base for search_presence
   num_frames: int
   grid_size: int
 
@@ -268,3 +269,27 @@ def search(stats: FrameStats, *,
   grid = (len(stats.mask_thresholds) * (2 if allow_largest_component else 1)
           * len(presence_thresholds) * len(min_areas))
   return SearchResult(best, best_score, default_score, len(stats), grid)
+
+
+def search_presence(stats: FrameStats, base: Calibration, *,
+                    presence_thresholds: tuple[float, ...] = PRESENCE_THRESHOLDS
+                    ) -> SearchResult:
+  """Chooses only the presence threshold; `base`'s mask settings stay as they are.
+
+  For the two-stage pipeline, where a classifier's presence is thresholded and the
+  segmentation run's mask settings are its own (calibrated without the classifier).
+  Scored like `search`, from the same statistics; `base` (in the returned
+  `default_score`) is in the grid and wins ties, so this never lowers its score.
+  """
+  inter, area, a = stats._counts(base)  # pylint: disable=protected-access
+  thresholds = np.union1d(np.array(presence_thresholds, np.float64),
+                          [base.presence_threshold])
+  mean = _score(inter, area, a["truth_area"], a["presence"], thresholds,
+                np.array([base.min_area]))[:, 0].mean(-1)
+  base_score = float(stats.per_frame_dice(base).mean())
+  best_score, best = base_score, base
+  p = int(np.argmax(mean))
+  if mean[p] > best_score + 1e-12:
+    best_score = float(mean[p])
+    best = dataclasses.replace(base, presence_threshold=float(thresholds[p]))
+  return SearchResult(best, best_score, base_score, len(stats), len(thresholds))

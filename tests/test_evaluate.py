@@ -1,6 +1,7 @@
 """evaluate: source-resolution scoring, calibration never lowers the score, outputs."""
 
 import csv
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -173,3 +174,28 @@ def test_unreadable_frames_in_a_folder_are_named_and_the_rest_scored(val_eval, r
   assert out["metrics"]["num_frames"] == 3
   assert sorted(pathlib.Path(s["file"]).name for s in out["skipped"]) == sorted(
       [f"{names[0]}.tif", f"{names[1]}.tif"])
+
+
+def test_presence_only_search_keeps_the_mask_settings_and_never_lowers_the_score():
+  """postprocess.search_presence (evaluate --classifier_workdir) on hand-made frames."""
+  rng = np.random.default_rng(0)
+  stats = postprocess.FrameStats((0.5,))
+  truths = []
+  for k in range(8):
+    truth = np.zeros((20, 30), np.uint8)
+    if k % 2:
+      truth[5:12, 8:20] = 1
+    prob = np.clip(truth * 0.8 + rng.uniform(0, 0.3, truth.shape), 0, 1)
+    # The classifier's presence on nerve frames (0.3) passes only thresholds below 0.5.
+    stats.add(prob, 0.3 if k % 2 else 0.05, truth)
+    truths.append(truth)
+  base = postprocess.Calibration(min_area=10)
+  result = postprocess.search_presence(stats, base)
+  assert result.default_score == pytest.approx(stats.per_frame_dice(base).mean())
+  assert result.default_score == pytest.approx(0.5)                # all empty at 0.5
+  assert result.score == pytest.approx(1.0) and result.score > result.default_score
+  assert result.calibration.presence_threshold < 0.3
+  assert dataclasses.replace(result.calibration, presence_threshold=0.5) == base
+  # Nothing to gain: the starting threshold is kept.
+  best = result.calibration
+  assert postprocess.search_presence(stats, best).calibration == best

@@ -299,3 +299,63 @@ def test_predict_command_with_a_classifier(calibrated, classifier_run, tmp_path)
     assert fr["message"] == "No nerve found" and fr["presence"] == pytest.approx(want, abs=2e-6)
   with open(out / "submission.csv", newline="") as f:
     assert [r["pixels"] for r in csv.DictReader(f)] == ["", "", "", ""]
+
+
+def test_evaluate_calibrates_the_classifier_threshold_and_predict_uses_it(
+    calibrated, classifier_run, tmp_path):
+  """evaluate --classifier_workdir: the classifier's presence threshold is calibrated on
+  the validation fold, saved where Predictor reads it, and predict then applies it."""
+  from nerveseg_jax import evaluate, postprocess, predict
+  root, calibrated_workdir = calibrated
+  workdir, classifier = tmp_path / "unet", tmp_path / "classifier"
+  shutil.copytree(calibrated_workdir, workdir)       # the shared fixtures stay as they are
+  shutil.copytree(classifier_run, classifier)
+  unet_file = (workdir / "calibration.json").read_text()
+  assert postprocess.load_calibration(classifier) is None        # starts at the 0.5 default
+  assert evaluate.main(["--workdir", str(workdir), "--classifier_workdir",
+                        str(classifier)]) == 0
+  out = json.loads((workdir / "eval" / "metrics.json").read_text())
+  assert out["classifier_workdir"] == str(classifier)
+  assert out["pipeline"].startswith("two-stage") and str(classifier) in out["pipeline"]
+  before, after = out["before_calibration"], out["metrics"]
+  # Before: the classifier (presence sigmoid(-8)) at 0.5 finds no nerve anywhere.
+  assert before["confusion"]["true_positive"] + before["confusion"]["false_positive"] == 0
+  assert after["kaggle_score"] >= before["kaggle_score"] - 1e-9  # never lowers the score
+  # The threshold is written to the classifier's calibration.json; the U-Net's file and
+  # so its mask settings are untouched, and the scored settings are that pair's.
+  assert (workdir / "calibration.json").read_text() == unet_file
+  threshold = postprocess.load_calibration(classifier).presence_threshold
+  record = json.loads((classifier / "calibration.json").read_text())["scores"]
+  assert record["segmentation_workdir"] == str(workdir)
+  np.testing.assert_allclose(record["before"], before["kaggle_score"], atol=1e-6)
+  np.testing.assert_allclose(record["after"], after["kaggle_score"], atol=1e-6)
+  unet_cal = postprocess.load_calibration(workdir)
+  assert out["calibration"] == dict(unet_cal.to_dict(), presence_threshold=threshold)
+  if after["kaggle_score"] > before["kaggle_score"] + 1e-9:
+    assert threshold < 1.0 / (1.0 + np.exp(-_CLASSIFIER_BIAS))  # lets the U-Net's masks in
+    assert after["confusion"]["true_positive"] > 0
+  else:
+    assert threshold == 0.5                                       # ties keep the old one
+
+  # predict (inference.Predictor, as serve) reads and applies it.
+  images = tmp_path / "images"
+  images.mkdir()
+  for n in ("1", "2"):
+    shutil.copy(root / "raw" / "test" / f"{n}.tif", images)
+  assert predict.main(["--workdir", str(workdir), "--classifier_workdir", str(classifier),
+                       "--images", str(images), "--output", str(tmp_path / "out")]) == 0
+  summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+  assert summary["calibration"] == out["calibration"]
+
+  # --no_calibrate: a fresh Predictor with the saved pair reproduces the calibrated
+  # validation score, and changes nothing.
+  saved = (classifier / "calibration.json").read_text()
+  assert evaluate.main(["--workdir", str(workdir), "--classifier_workdir", str(classifier),
+                        "--no_calibrate"]) == 0
+  again = json.loads((workdir / "eval" / "metrics.json").read_text())
+  assert "before_calibration" not in again and again["calibration"] == out["calibration"]
+  np.testing.assert_allclose(again["metrics"]["kaggle_score"], after["kaggle_score"],
+                             atol=1e-6)
+  assert (classifier / "calibration.json").read_text() == saved
+  assert evaluate.main(["--workdir", str(workdir), "--classifier_workdir",
+                        str(calibrated_workdir)]) == 2           # not a classifier run
