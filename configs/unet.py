@@ -13,8 +13,8 @@ Demo command and expected result (no download needed):
   python -m nerveseg_jax.train --config configs/unet.py:synthetic
     -> runs/unet_synthetic; validation (fold 0 of 5 over the 10 synthetic subjects)
        Kaggle score ~0.95, Dice on nerve frames ~0.93, presence accuracy ~0.97 at step 300
-       (measured from a fresh venv and clone: 0.947 / 0.934 / 0.975, 3.5 minutes in all on
-       the 2-core CPU, data generation and a 23 s compile included).
+       (measured from a fresh venv and clone: 0.945 / 0.929 / 0.975, 2.4 minutes in all on
+       the 2-core CPU, install, data generation and a 13 s compile included).
   Smoke (tests): configs/unet.py:smoke trains 20 steps of a 4-feature U-Net at 64x96; the
   loss drops, the scores mean nothing.
 Real data: the subject-wise result on real frames is in the README (Results).
