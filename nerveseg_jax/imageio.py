@@ -108,16 +108,17 @@ def list_inputs(path: str | pathlib.Path) -> tuple[list[pathlib.Path], list[path
   """Lists the frames to process under `path` (a folder, not recursive, or one file).
 
   Returns (images, ignored): image files in natural order, and the other files of the
-  folder (non-image suffixes and Kaggle *_mask files) so callers can count them.
+  folder (non-image suffixes, Kaggle *_mask files, hidden files such as .DS_Store or
+  ._1.tif) so callers can count them.
   """
   path = pathlib.Path(path).expanduser()
   if not path.exists():
     raise FileNotFoundError(f"--images: {path} does not exist")
   if path.is_file():
     return [path], []
-  files = sorted((p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")),
-                 key=lambda p: natural_key(p.name))
-  images = [p for p in files if is_image_file(p) and not is_mask_name(p)]
+  files = sorted((p for p in path.iterdir() if p.is_file()), key=lambda p: natural_key(p.name))
+  images = [p for p in files
+            if is_image_file(p) and not is_mask_name(p) and not p.name.startswith(".")]
   ignored = [p for p in files if p not in images]
   return images, ignored
 

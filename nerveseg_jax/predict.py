@@ -54,15 +54,6 @@ def _unique_names(paths: Sequence[pathlib.Path]) -> list[str]:
   return names
 
 
-def _hidden_files(images: str | pathlib.Path) -> list[pathlib.Path]:
-  """Hidden files of an input folder (.DS_Store, ._1.tif): not processed, but counted."""
-  path = pathlib.Path(images).expanduser()
-  if not path.is_dir():
-    return []
-  return sorted((p for p in path.iterdir() if p.is_file() and p.name.startswith(".")),
-                key=lambda p: imageio.natural_key(p.name))
-
-
 def _predict_chunk(predictor: inference.Predictor, frames: list, names: list[str],
                    paths: list[pathlib.Path], failed: list[dict[str, str]]) -> list:
   """(frame, FramePrediction) for a chunk; a frame that fails in inference is reported.
@@ -91,7 +82,6 @@ def predict_path(predictor: inference.Predictor, images: str | pathlib.Path,
                  output: str | pathlib.Path) -> dict[str, Any]:
   """Runs `predictor` on every frame under `images` and writes OUT; returns the summary."""
   paths, ignored = imageio.list_inputs(images)
-  ignored = ignored + _hidden_files(images)
   output = pathlib.Path(output).expanduser()
   (output / "masks").mkdir(parents=True, exist_ok=True)
   (output / "overlays").mkdir(parents=True, exist_ok=True)

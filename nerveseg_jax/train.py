@@ -163,7 +163,7 @@ def init_state(config, parts: ModelParts, tx, mesh) -> tuple[Any, Any]:
 def apply_init_from(config, state, shardings) -> Any:
   """Overwrites params/rest with the arrays of config.init_from that fit (by key)."""
   full = {"params": state["params"], "rest": state["rest"]}
-  expected = _merge_dicts(full["params"], full["rest"])
+  expected = ckpt_lib.merge_nested(full["params"], full["rest"])
   found = ckpt_lib.load_init_from(config.init_from, expected)
 
   def one(subtree, subshard):
@@ -180,9 +180,6 @@ def apply_init_from(config, state, shardings) -> Any:
   state["params"] = one(state["params"], shardings["params"])
   state["rest"] = one(state["rest"], shardings["rest"])
   return state
-
-
-_merge_dicts = ckpt_lib.merge_nested
 
 
 # ----------------------------------------------------------------------------- steps

@@ -119,7 +119,7 @@ def _kernels(pure):
 def test_init_from_partial_restore_by_key(tmp_path):
   cfg = _config()
   state, shardings = _fresh_state(cfg)
-  full = train._merge_dicts(jax.device_get(state["params"]), jax.device_get(state["rest"]))  # pylint: disable=protected-access
+  full = checkpoint.merge_nested(jax.device_get(state["params"]), jax.device_get(state["rest"]))
   # A "converted" checkpoint: values shifted by 1, an RGB stem, an extra top, a missing head.
   src = jax.tree.map(lambda x: np.asarray(x) + 1.0, full)
   stem_key, stem = _kernels(src)[0]
@@ -143,7 +143,7 @@ def test_init_from_partial_restore_by_key(tmp_path):
   _save(tmp_path / "converted", src)
   cfg.init_from = str(tmp_path / "converted")
   new = train.apply_init_from(cfg, state, shardings)
-  got = checkpoint.flat_by_path(train._merge_dicts(  # pylint: disable=protected-access
+  got = checkpoint.flat_by_path(checkpoint.merge_nested(
       jax.device_get(new["params"]), jax.device_get(new["rest"])))
   orig = checkpoint.flat_by_path(full)
   np.testing.assert_allclose(got[stem_key], (stem * 6), rtol=1e-6)  # summed over RGB
