@@ -461,6 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     final: dict[str, Any] = {"compile_seconds": compile_s, "start_step": start}
     train_metrics = None
     history: list[dict[str, float]] = []  # train metrics at each log step (the loss curve)
+    val_history: list[dict[str, float]] = []  # validation at each eval step (for sweeps)
     val_values: dict[str, float] = {}
     last_saved = start
     step = start
@@ -490,6 +491,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           with report.timed("eval"):
             val_values = evaluate(step)
           final.update({f"val_{k}": v for k, v in val_values.items()})
+          if val_values:
+            val_history.append({"step": step, **val_values})
         save_now = step % int(config.checkpoint_every_steps) == 0 or step == num_steps
         stop = preemption.agreed()
         if save_now or stop:
@@ -514,6 +517,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # Also on errors: lets a pending asynchronous save finish (it is of a good state).
     checkpointer.close()
   final.update({"step": step, "preempted": preempted, "history": history,
+                "val_history": val_history,
                 "params_sha256": params_digest(state["params"])})
   return final
 
@@ -558,7 +562,7 @@ def main(argv: list[str]) -> None:
     logging.debug("traceback", exc_info=True)
     raise SystemExit(f"error: {e}") from None
   shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
-           if k != "history"}
+           if k not in ("history", "val_history")}
   print(f"done: {workdir}: {shown}")
   if result.get("preempted"):
     # 128 + SIGTERM, as if the signal had ended the process: schedulers (SLURM requeue,

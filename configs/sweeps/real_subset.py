@@ -1,0 +1,45 @@
+"""The real-frame sweep that chose the U-Net defaults (README, "Results").
+
+Command (2-core CPU: about an hour and a half for all runs; the table is rewritten after
+each run, and re-running the command skips finished runs):
+  python -m nerveseg_jax.sweep --config configs/unet.py:folder \
+      --sweep configs/sweeps/real_subset.py \
+      --config.data.manual_dir=../shared/data/nerve_real_subset
+  -> runs/sweep_real_subset/sweep.md: validation Dice on nerve frames (fold 0 of 5, by
+     subject) of each run at steps 100..500, ranked.
+
+The base is the README's real-frame run (96x96, 16 base features, 500 steps); each
+other run changes one thing from it (one factor at a time), and `seed1` repeats the base
+with another seed to show how much of a difference is noise. Every frame of
+nerve_real_subset has a nerve, so this ranks mask outlines; the nerve-or-not decision
+(presence loss weight, thresholds) needs the full Kaggle set with its empty frames.
+"""
+
+
+def get_sweep(arg: str = "") -> dict:
+  del arg
+  base = {
+      "data.image_size": (96, 96),
+      "model.features": 16,
+      "batch_size": 16,
+      "eval_batch_size": 32,
+      "num_train_steps": 500,
+      "warmup_steps": 25,
+      "log_every_steps": 50,
+      "eval_every_steps": 100,
+      "checkpoint_every_steps": 500,
+      "keep_checkpoints": 1,
+  }
+  runs = [
+      {"name": "base"},
+      {"name": "seed1", "seed": 1},
+      {"name": "no_augment", "data.augment.enabled": False},
+      {"name": "bce_only", "loss.dice": 0.0},
+      {"name": "dice_x3", "loss.dice": 3.0},
+      {"name": "lr_3e-3", "learning_rate": 3e-3},
+      {"name": "lr_3e-4", "learning_rate": 3e-4},
+      {"name": "res_128", "data.image_size": (128, 128)},
+      {"name": "width_32", "model.features": 32},
+      {"name": "steps_1000", "num_train_steps": 1000, "warmup_steps": 50},
+  ]
+  return {"base": base, "runs": runs, "metric": "nerve_dice"}
