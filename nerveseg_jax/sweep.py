@@ -30,6 +30,12 @@ from typing import Any
 import ml_collections
 
 RESULT_FILE = "sweep_result.json"
+PARTIAL_FILE = "sweep_partial.json"  # evals of a run that was preempted, for its resume
+
+
+def _is_writer() -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
 
 
 class SweepError(ValueError):
@@ -116,14 +122,24 @@ def run_one(config: ml_collections.ConfigDict, run: dict[str, Any], workdir: pat
     # A diverging setting is a result of the sweep, not a reason to stop it.
     summary.update(status="diverged", error=str(e), wall_seconds=time.perf_counter() - t0)
   else:
+    partial_path = workdir / PARTIAL_FILE
+    earlier = json.loads(partial_path.read_text()) if partial_path.exists() else {}
+    # A resumed run returns only the evals after its restart: keep the earlier ones.
+    history = [h for h in earlier.get("val_history", [])
+               if h["step"] < min([r["step"] for r in result.get("val_history", [])],
+                                  default=math.inf)] + list(result.get("val_history", []))
+    wall = earlier.get("wall_seconds", 0.0) + time.perf_counter() - t0
     if result.get("preempted"):
+      if _is_writer():
+        workdir.mkdir(parents=True, exist_ok=True)
+        partial_path.write_text(json.dumps(_jsonable(
+            {"val_history": history, "wall_seconds": wall}), indent=2) + "\n")
       summary["status"] = "preempted"
       return summary
-    history = result.get("val_history", [])
     values = [h.get(metric) for h in history if h.get(metric) is not None]
     finite = [v for v in values if math.isfinite(v)]
     summary.update(
-        status="ok", steps=int(result["step"]), wall_seconds=time.perf_counter() - t0,
+        status="ok", steps=int(result["step"]), wall_seconds=wall,
         final=values[-1] if values else None, best=max(finite) if finite else None,
         best_step=(history[[h.get(metric) for h in history].index(max(finite))]["step"]
                    if finite else None),
@@ -132,8 +148,7 @@ def run_one(config: ml_collections.ConfigDict, run: dict[str, Any], workdir: pat
     if not history:
       summary["status"] = "no_validation"
   summary = _jsonable(summary)
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_index() == 0:
+  if _is_writer():
     workdir.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(summary, indent=2) + "\n")
   return summary
@@ -185,7 +200,7 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any],
     metric = "presence_accuracy" if classifier else "kaggle_score"
   summaries: list[dict[str, Any]] = []
   for run, cfg in configs:
-    logging.info("sweep %s: run %s (%d of %d)", title, run["name"], len(summaries) + 1,
+    logging.info("%s: run %s (%d of %d)", title, run["name"], len(summaries) + 1,
                  len(configs))
     summary = run_one(cfg, run, workdir / run["name"], metric)
     if summary.get("status") == "preempted":

@@ -10,6 +10,8 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+import contextlib
+import fcntl
 import pathlib
 
 import pytest
@@ -32,34 +34,68 @@ def shared_data() -> pathlib.Path:
 SMOKE_STEPS = 150
 
 
+def shared_dir(tmp_path_factory, name: str) -> pathlib.Path:
+  """A directory every test process of this session sees: pytest-xdist gives each
+  worker its own basetemp, and their parent is the session's."""
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  path = root / name
+  path.mkdir(exist_ok=True)
+  return path
+
+
+@contextlib.contextmanager
+def built_once(path: pathlib.Path):
+  """Yields True to the one process that must build PATH's contents, False to the rest.
+
+  A file lock serialises the workers; '.ready' marks a finished build, so a worker
+  never sees half of one.
+  """
+  with open(path / ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    ready = path / ".ready"
+    if ready.exists():
+      yield False
+      return
+    yield True
+    ready.write_text("ok")
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> pathlib.Path:
   """Root holding workdir/ (a trained smoke run) and raw/ (its synthetic Kaggle tree).
 
-  Trained once per test session and shared by the inference, evaluate, predict, serve
-  and benchmark tests.
+  Trained once per test session (once for all xdist workers) and shared by the
+  inference, evaluate, predict, serve and benchmark tests, which only read it.
   """
-  from nerveseg_jax import train
-  from nerveseg_jax.configs import unet
-  root = tmp_path_factory.mktemp("smoke_run")
-  config = unet.get_config("smoke")
-  config.data.data_dir = str(root / "tfds")
-  config.data.manual_dir = str(root / "raw")
-  config.num_train_steps = SMOKE_STEPS
-  config.learning_rate = 1e-2
-  config.model.features = 8
-  config.eval_every_steps = SMOKE_STEPS // 2
-  config.checkpoint_every_steps = SMOKE_STEPS // 2
-  train.train_and_evaluate(config, root / "workdir")
+  root = shared_dir(tmp_path_factory, "smoke_run")
+  with built_once(root) as build:
+    if build:
+      from nerveseg_jax import train
+      from nerveseg_jax.configs import unet
+      config = unet.get_config("smoke")
+      config.data.data_dir = str(root / "tfds")
+      config.data.manual_dir = str(root / "raw")
+      config.num_train_steps = SMOKE_STEPS
+      config.learning_rate = 1e-2
+      config.model.features = 8
+      config.eval_every_steps = SMOKE_STEPS // 2
+      config.checkpoint_every_steps = SMOKE_STEPS // 2
+      train.train_and_evaluate(config, root / "workdir")
   return root
 
 
 @pytest.fixture(scope="session")
 def calibrated_run(smoke_run, tmp_path_factory) -> pathlib.Path:
   """A copy of the smoke run's workdir, evaluated and calibrated on its validation fold."""
-  import shutil
-  from nerveseg_jax import evaluate
-  workdir = tmp_path_factory.mktemp("calibrated") / "workdir"
-  shutil.copytree(smoke_run / "workdir", workdir)
-  assert evaluate.main(["--workdir", str(workdir)]) == 0
+  root = shared_dir(tmp_path_factory, "calibrated")
+  workdir = root / "workdir"
+  with built_once(root) as build:
+    if build:
+      import shutil
+      from nerveseg_jax import evaluate
+      if workdir.exists():
+        shutil.rmtree(workdir)  # a build that died half-way
+      shutil.copytree(smoke_run / "workdir", workdir)
+      assert evaluate.main(["--workdir", str(workdir)]) == 0
   return workdir

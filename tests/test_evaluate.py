@@ -18,9 +18,15 @@ def run_root(smoke_run):
 
 
 @pytest.fixture(scope="module")
-def val_eval(calibrated_run):
-  """A copy of the run after `python -m nerveseg_jax.evaluate --workdir DIR` (val fold)."""
-  return calibrated_run
+def val_eval(calibrated_run, tmp_path_factory):
+  """A copy of the run after `python -m nerveseg_jax.evaluate --workdir DIR` (val fold).
+
+  These tests write more evaluations into it; the copy keeps the session's run (read by
+  other test files, perhaps in another xdist worker at the same time) as it is.
+  """
+  workdir = tmp_path_factory.mktemp("val_eval") / "workdir"
+  shutil.copytree(calibrated_run, workdir)
+  return workdir
 
 
 def test_validation_metrics_and_calibration(val_eval):

@@ -72,14 +72,22 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch
   assert table.index("| ok |") < table.index("| huge |") and "diverged" in table
 
 
-def test_preemption_stops_the_sweep_for_a_rerun(tmp_path, monkeypatch):
-  monkeypatch.setattr(train, "train_and_evaluate",
-                      lambda c, w: {"step": 2, "preempted": True, "val_history": []})
+def test_preemption_stops_the_sweep_and_the_rerun_keeps_its_evals(tmp_path, monkeypatch):
+  results = iter([
+      {"step": 3, "preempted": True, "val_history": [{"step": 2, "kaggle_score": 0.25}]},
+      {"step": 4, "preempted": False, "val_history": [{"step": 4, "kaggle_score": 0.5}]},
+      {"step": 4, "preempted": False, "val_history": [{"step": 4, "kaggle_score": 0.75}]},
+  ])
+  monkeypatch.setattr(train, "train_and_evaluate", lambda c, w: next(results))
+  spec = {"runs": [{"name": "a"}, {"name": "b"}]}
   with pytest.raises(sweep._Preempted):  # pylint: disable=protected-access
-    sweep.run_sweep(unet.get_config("smoke"), {"runs": [{"name": "a"}, {"name": "b"}]},
-                    tmp_path)
-  # Nothing recorded as finished: the next run of the command resumes run a.
+    sweep.run_sweep(unet.get_config("smoke"), spec, tmp_path)
+  # Nothing recorded as finished: the next run of the command resumes run a ...
   assert not (tmp_path / "a" / sweep.RESULT_FILE).exists()
+  got = sweep.run_sweep(unet.get_config("smoke"), spec, tmp_path)
+  # ... and its table row has the evals from before the preemption too.
+  assert [h["step"] for h in got[0]["val_history"]] == [2, 4]
+  assert got[0]["best"] == 0.5 and got[1]["final"] == 0.75
 
 
 def test_bad_keys_fail_before_anything_trains(tmp_path, monkeypatch):

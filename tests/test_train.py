@@ -5,7 +5,6 @@ resumed or re-sharded runs must reproduce it: after SIGTERM and after SIGKILL
 (bitwise), on 1 device and on a data x fsdp mesh (fp tolerance).
 """
 
-import fcntl
 import json
 import os
 import pathlib
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import conftest
 from nerveseg_jax import checkpoint, train
 from nerveseg_jax.configs import unet
 
@@ -39,16 +39,13 @@ SUBPROCESS_ENV = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR),
 
 def smoke_data_dir(tmp_path_factory) -> pathlib.Path:
   """The synthetic smoke set, built once per test session (also used by subprocesses)."""
-  root = tmp_path_factory.getbasetemp() / "smoke_data"
-  root.mkdir(exist_ok=True)
-  with open(root / ".lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not (root / ".ready").exists():
+  root = conftest.shared_dir(tmp_path_factory, "smoke_data")
+  with conftest.built_once(root) as build:
+    if build:
       from nerveseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
       cfg = smoke_config(root)
       pipeline.load_arrays(cfg.data, "train")
       pipeline.load_arrays(cfg.data, "val")
-      (root / ".ready").write_text("ok")
   return root
 
 
