@@ -2,17 +2,22 @@
 
   python -m nerveseg_jax.sweep --config configs/unet.py:folder \\
       --sweep configs/sweeps/real_subset.py [--workdir runs/sweep_real_subset] \\
-      [--config.KEY=VALUE ...]        # applies to every run of the sweep
+      [--metric nerve_dice] [--config.KEY=VALUE ...]
 
-A sweep file has ``get_sweep(arg) -> {"base": {key: value}, "runs": [{"name": ..., key:
-value}, ...], "metric": optional}`` with dotted config keys (``data.image_size``, ``loss.dice``). Each run
-trains with ``train.train_and_evaluate`` in WORKDIR/<name>, one after another, and the
-table WORKDIR/sweep.md (and sweep.json) is rewritten after every run, so an interrupted
-sweep loses nothing: run the same command again and finished runs are read back from
-their result file, a preempted one resumes from its checkpoint.
+A sweep file defines ``get_sweep(arg)`` returning
+``{"base": {key: value}, "runs": [{"name": ..., key: value}, ...], "metric": ...}``
+with dotted config keys (``data.image_size``, ``loss.dice``); "metric" is optional.
+A run's config is the --config file, then the sweep's base, then the command line's
+``--config.KEY`` overrides, then the run's own keys. Every run's config is built and
+checked before the first one trains.
 
-Runs are ranked by the validation metric (``--metric``, else the sweep file's, else the
-one train.py keeps the best checkpoint by) at the last step, with the best value over the evals shown too.
+Each run trains with ``train.train_and_evaluate`` in WORKDIR/<name>, one after another;
+WORKDIR/sweep.md and sweep.json are rewritten after every run. Run the same command
+again after an interruption: finished runs are read back (WORKDIR/<name>/sweep_result.json),
+a preempted or killed one resumes from its checkpoint, and its evaluations so far are in
+its val_history.jsonl. A workdir trained with a different config is an error, not
+reused. Runs are ranked by the metric at the last evaluation (``--metric``, else the
+sweep file's, else the one train.py keeps the best checkpoint by).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import pathlib
+import re
 import sys
 import time
 from typing import Any
@@ -30,7 +37,17 @@ from typing import Any
 import ml_collections
 
 RESULT_FILE = "sweep_result.json"
-PARTIAL_FILE = "sweep_partial.json"  # evals of a run that was preempted, for its resume
+_TABLES = ("sweep.md", "sweep.json")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+LOWER_IS_BETTER = ("loss",)
+
+
+class SweepError(ValueError):
+  """A sweep file, one of its runs or its workdir is wrong (names the file, run and key)."""
+
+
+class Preempted(Exception):
+  """SIGTERM reached a run: its checkpoint is saved; the same command resumes the sweep."""
 
 
 def _is_writer() -> bool:
@@ -38,12 +55,15 @@ def _is_writer() -> bool:
   return jax.process_index() == 0
 
 
-class SweepError(ValueError):
-  """A sweep file or one of its runs is malformed (names the file, run and key)."""
+def _write_json(path, obj: Any) -> None:
+  """Whole or not at all: a kill mid-write leaves the previous file, never half of one."""
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2) + "\n")
+  tmp.replace(path)
 
 
-def load_sweep(path: str | pathlib.Path, arg: str = "") -> dict[str, Any]:
-  """Imports SWEEP_FILE[:arg] and checks its shape."""
+def load_sweep(path: str | os.PathLike, arg: str = "") -> dict[str, Any]:
+  """Imports SWEEP_FILE and returns get_sweep(arg), checked."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise SweepError(f"sweep file {path} does not exist")
@@ -53,12 +73,14 @@ def load_sweep(path: str | pathlib.Path, arg: str = "") -> dict[str, Any]:
   if not hasattr(module, "get_sweep"):
     raise SweepError(f"sweep file {path} has no get_sweep(arg) function")
   sweep = module.get_sweep(arg)
-  if not isinstance(sweep, dict) or not isinstance(sweep.get("runs"), list):
+  if (not isinstance(sweep, dict) or not isinstance(sweep.get("runs"), list)
+      or not isinstance(sweep.get("base", {}), dict)):
     raise SweepError(f"{path}: get_sweep must return {{'base': {{...}}, 'runs': [...]}}")
   names = [r.get("name") if isinstance(r, dict) else None for r in sweep["runs"]]
   for i, name in enumerate(names):
-    if not isinstance(name, str) or not name or "/" in name:
-      raise SweepError(f"{path}: run {i} needs a 'name' (a folder name, no '/')")
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in _TABLES:
+      raise SweepError(f"{path}: run {i} needs a 'name' usable as a folder name "
+                       f"(letters, digits, _ . + -), got {name!r}")
   dupes = sorted({n for n in names if names.count(n) > 1})
   if dupes:
     raise SweepError(f"{path}: run names must be unique; repeated: {', '.join(dupes)}")
@@ -66,13 +88,18 @@ def load_sweep(path: str | pathlib.Path, arg: str = "") -> dict[str, Any]:
   return sweep
 
 
+def get_key(config: ml_collections.ConfigDict, key: str) -> Any:
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any],
                     where: str) -> ml_collections.ConfigDict:
   """A copy of CONFIG with dotted-key OVERRIDES set; an unknown key is an error naming it."""
   config = copy.deepcopy(config)
   for key, value in overrides.items():
-    if key == "name":
-      continue
     *parents, leaf = key.split(".")
     node = config
     for part in parents:
@@ -84,7 +111,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
     if isinstance(value, list):
       value = tuple(value)  # JSON round trips turn image_size tuples into lists
     try:
-      setattr(node, leaf, value)  # ConfigDict keeps each key's type: 1e-3 into an int fails
+      setattr(node, leaf, value)  # ConfigDict keeps each key's type: 0.5 into an int fails
     except TypeError as e:
       raise SweepError(f"{where}: config key {key!r}: {e}") from None
   return config
@@ -102,55 +129,75 @@ def _jsonable(x: Any) -> Any:
   return x
 
 
-def run_one(config: ml_collections.ConfigDict, run: dict[str, Any], workdir: pathlib.Path,
-            metric: str) -> dict[str, Any]:
+def score(history: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+  """final (the last evaluation's value), best and best_step of METRIC over HISTORY."""
+  final = history[-1].get(metric) if history else None
+  valid = [(h[metric], h["step"]) for h in history
+           if isinstance(h.get(metric), (int, float)) and math.isfinite(h[metric])]
+  pick = min if metric in LOWER_IS_BETTER else max
+  best = pick(valid, key=lambda vs: vs[0]) if valid else (None, None)
+  return {"final": final, "best": best[0], "best_step": best[1]}
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+  keys = []
+  for k in sorted(set(a) | set(b)):
+    if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+      keys += _config_diff(a[k], b[k], f"{prefix}{k}.")
+    elif a.get(k) != b.get(k):
+      keys.append(f"{prefix}{k}")
+  return keys
+
+
+def _check_workdir(config: ml_collections.ConfigDict, workdir, where: str) -> None:
+  """A run's workdir holds nothing, or a run of exactly this config (to read or resume)."""
+  from nerveseg_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  saved = workdir / ckpt_lib.CONFIG_FILE
+  if saved.exists():
+    diff = _config_diff(json.loads(saved.read_text()), ckpt_lib.config_to_dict(config))
+    if diff:
+      raise SweepError(f"{where}: {workdir} was trained with another config (keys "
+                       f"{', '.join(diff)}); delete it or rename the run")
+
+
+def run_one(config: ml_collections.ConfigDict, run: dict[str, Any], workdir,
+            metric: str, where: str) -> dict[str, Any]:
   """Trains one run (or reads back its finished result) and returns its summary."""
   from nerveseg_jax import train  # pylint: disable=g-import-not-at-top
-  overrides = {k: v for k, v in run.items() if k != "name"}
+  overrides = _jsonable({k: v for k, v in run.items() if k != "name"})
   result_path = workdir / RESULT_FILE
   if result_path.exists():
-    done = json.loads(result_path.read_text())
-    if done.get("overrides") == _jsonable(overrides) and done.get("status") in ("ok",
-                                                                                "diverged"):
-      logging.info("sweep run %s: finished earlier, read from %s", run["name"], result_path)
-      return done
+    try:
+      done = json.loads(result_path.read_text())
+    except ValueError as e:
+      raise SweepError(f"{where}: {result_path} is unreadable ({e}); delete it to redo "
+                       "the run's bookkeeping (its checkpoint is kept)") from None
+    if done.get("status") in ("ok", "diverged"):
+      logging.info("%s: finished earlier, read from %s", where, result_path)
+      # Scored again: the metric may differ from the one of the first reading.
+      return {**done, **score(done.get("val_history", []), metric)}
   t0 = time.perf_counter()
-  summary: dict[str, Any] = {"name": run["name"], "overrides": _jsonable(overrides)}
+  summary: dict[str, Any] = {"name": run["name"], "overrides": overrides}
   try:
     result = train.train_and_evaluate(config, workdir)
   except train.NonFiniteLossError as e:
     # A diverging setting is a result of the sweep, not a reason to stop it.
-    summary.update(status="diverged", error=str(e), wall_seconds=time.perf_counter() - t0)
+    summary.update(status="diverged", error=str(e), steps=None)
+  except (ValueError, FileNotFoundError) as e:
+    raise SweepError(f"{where} ({workdir}): {e}") from e
   else:
-    partial_path = workdir / PARTIAL_FILE
-    earlier = json.loads(partial_path.read_text()) if partial_path.exists() else {}
-    # A resumed run returns only the evals after its restart: keep the earlier ones.
-    history = [h for h in earlier.get("val_history", [])
-               if h["step"] < min([r["step"] for r in result.get("val_history", [])],
-                                  default=math.inf)] + list(result.get("val_history", []))
-    wall = earlier.get("wall_seconds", 0.0) + time.perf_counter() - t0
     if result.get("preempted"):
-      if _is_writer():
-        workdir.mkdir(parents=True, exist_ok=True)
-        partial_path.write_text(json.dumps(_jsonable(
-            {"val_history": history, "wall_seconds": wall}), indent=2) + "\n")
-      summary["status"] = "preempted"
-      return summary
-    values = [h.get(metric) for h in history if h.get(metric) is not None]
-    finite = [v for v in values if math.isfinite(v)]
-    summary.update(
-        status="ok", steps=int(result["step"]), wall_seconds=wall,
-        final=values[-1] if values else None, best=max(finite) if finite else None,
-        best_step=(history[[h.get(metric) for h in history].index(max(finite))]["step"]
-                   if finite else None),
-        val_history=history,
-        train_loss=result.get("train_loss"))
-    if not history:
-      summary["status"] = "no_validation"
+      raise Preempted(str(workdir))
+    summary.update(status="ok", steps=int(result["step"]),
+                   train_loss=result.get("train_loss"))
+  history = train.read_val_history(workdir)
+  summary.update(wall_seconds=time.perf_counter() - t0, val_history=history,
+                 **score(history, metric))
+  if summary["status"] == "ok" and not history:
+    summary["status"] = "no_validation"  # e.g. data.fold=-1, or evals never recorded
   summary = _jsonable(summary)
   if _is_writer():
-    workdir.mkdir(parents=True, exist_ok=True)
-    result_path.write_text(json.dumps(summary, indent=2) + "\n")
+    _write_json(result_path, summary)
   return summary
 
 
@@ -162,16 +209,25 @@ def _fmt(v: Any) -> str:
   return str(v)
 
 
+def rank(summaries: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+  """Best first by the last evaluation's METRIC; runs without a value (diverged) last."""
+  sign = 1.0 if metric in LOWER_IS_BETTER else -1.0
+  def key(s):
+    v = s.get("final")
+    return (0, sign * v) if isinstance(v, (int, float)) and math.isfinite(v) else (1, 0.0)
+  return sorted(summaries, key=key)
+
+
 def render_table(summaries: list[dict[str, Any]], metric: str, header: str) -> str:
-  """A markdown table ranked by the final value of METRIC (best first)."""
+  """A markdown table, ranked (see rank), with METRIC at every evaluated step."""
   steps = sorted({h["step"] for s in summaries for h in s.get("val_history", [])})
-  ranked = sorted(summaries, key=lambda s: -(s.get("final") if s.get("final") is not None
-                                             else -math.inf))
   cols = ["rank", "run", "overrides", *[f"step {st}" for st in steps], "best (step)",
           "wall s", "status"]
-  lines = [header, "", f"Ranked by validation `{metric}` at the last step.", "",
+  better = "lower" if metric in LOWER_IS_BETTER else "higher"
+  lines = [header, "", f"Ranked by validation `{metric}` ({better} is better) at the "
+           "last evaluation.", "",
            "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  for i, s in enumerate(ranked, 1):
+  for i, s in enumerate(rank(summaries, metric), 1):
     by_step = {h["step"]: h.get(metric) for h in s.get("val_history", [])}
     overrides = ", ".join(f"`{k}={v}`" for k, v in s["overrides"].items()) or "(base)"
     best = (f"{_fmt(s.get('best'))} ({s.get('best_step')})" if s.get("best") is not None
@@ -183,67 +239,92 @@ def render_table(summaries: list[dict[str, Any]], metric: str, header: str) -> s
   return "\n".join(lines) + "\n"
 
 
-def run_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any],
-              workdir: str | pathlib.Path, metric: str | None = None,
-              title: str = "sweep") -> list[dict[str, Any]]:
-  """Trains every run of SWEEP in WORKDIR/<name>; writes sweep.json and sweep.md."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from nerveseg_jax import train  # pylint: disable=g-import-not-at-top
-  workdir = pathlib.Path(workdir)
+def _metric_names(classifier: bool) -> set[str]:
+  from nerveseg_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  cls = metrics_lib.ClassifierEvalMetrics if classifier else metrics_lib.EvalMetrics
+  return set(cls.__annotations__) | {"images_per_sec"}
+
+
+def run_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any], workdir,
+              metric: str | None = None, title: str = "sweep",
+              overrides: dict[str, Any] | None = None
+              ) -> tuple[list[dict[str, Any]], str]:
+  """Trains every run of SWEEP in WORKDIR/<name>; writes sweep.json and sweep.md.
+
+  OVERRIDES (the command line's --config.KEY values) apply after the sweep's base and
+  before each run's keys. Returns (summaries in sweep order, the metric ranked by).
+  """
+  from nerveseg_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  # Before anything touches a JAX backend: a multi-process sweep is one distributed job.
+  sharding.maybe_initialize_distributed()
+  workdir = ckpt_lib.as_path(workdir)
   base = apply_overrides(config, sweep.get("base", {}), f"{title} (base)")
-  # Every run's config is built (and so checked) before the first one trains.
-  configs = [(run, apply_overrides(base, run, f"{title} run {run['name']!r}"))
-             for run in sweep["runs"]]
-  metric = metric or sweep.get("metric")
-  if metric is None:
-    classifier = str(base.model.name) in train.CLASSIFIER_MODELS
-    metric = "presence_accuracy" if classifier else "kaggle_score"
+  base = apply_overrides(base, overrides or {}, f"{title} (--config overrides)")
+  classifier = train._is_classifier(base)  # pylint: disable=protected-access
+  metric = metric or sweep.get("metric") or (
+      "presence_accuracy" if classifier else "kaggle_score")
+  if metric not in _metric_names(classifier):
+    raise SweepError(f"{title}: unknown metric {metric!r}; one of "
+                     f"{', '.join(sorted(_metric_names(classifier)))}")
+  # Every run's config is built and checked before the first one trains.
+  planned = []
+  for run in sweep["runs"]:
+    where = f"{title} run {run['name']!r}"
+    cfg = apply_overrides(base, {k: v for k, v in run.items() if k != "name"}, where)
+    try:
+      train.validate_config(cfg, sharding.make_mesh(cfg.mesh).size)
+    except ValueError as e:
+      raise SweepError(f"{where}: {e}") from None
+    _check_workdir(cfg, workdir / run["name"], where)
+    planned.append((run, cfg, where))
   summaries: list[dict[str, Any]] = []
-  for run, cfg in configs:
-    logging.info("%s: run %s (%d of %d)", title, run["name"], len(summaries) + 1,
-                 len(configs))
-    summary = run_one(cfg, run, workdir / run["name"], metric)
-    if summary.get("status") == "preempted":
-      raise _Preempted(workdir / run["name"])
-    summaries.append(summary)
-    if jax.process_index() == 0:
+  for run, cfg, where in planned:
+    logging.info("%s (%d of %d)", where, len(summaries) + 1, len(planned))
+    summaries.append(run_one(cfg, run, workdir / run["name"], metric, where))
+    if _is_writer():
       workdir.mkdir(parents=True, exist_ok=True)
-      (workdir / "sweep.json").write_text(json.dumps(
-          {"metric": metric, "base": _jsonable(sweep.get("base", {})), "runs": summaries},
-          indent=2) + "\n")
+      _write_json(workdir / "sweep.json", {
+          "metric": metric, "base": _jsonable(sweep.get("base", {})),
+          "overrides": _jsonable(overrides or {}), "runs": summaries})
       (workdir / "sweep.md").write_text(render_table(summaries, metric, f"# {title}"))
-  return summaries
-
-
-class _Preempted(Exception):
-  pass
+  return summaries, metric
 
 
 def main(argv: list[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax import train  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
   fl = flags.FLAGS
   path, _, arg = fl.sweep.partition(":")
-  workdir = fl.workdir or (pathlib.Path("runs") / f"sweep_{pathlib.Path(path).stem}")
+  # A string, not pathlib: gs://bucket/sweep must keep its double slash.
+  workdir = fl.workdir or str(pathlib.Path("runs") / f"sweep_{pathlib.Path(path).stem}")
+  cli = {k: get_key(fl.config, k)
+         for k in train._override_keys(sys.argv)}  # pylint: disable=protected-access
   try:
     sweep = load_sweep(path, arg)
-    summaries = run_sweep(fl.config, sweep, workdir, fl.metric or None,
-                          title=f"sweep {fl.sweep}")
-  except _Preempted as e:
+    summaries, metric = run_sweep(fl.config, sweep, workdir, fl.metric or None,
+                                  title=f"sweep {fl.sweep}", overrides=cli)
+  except Preempted as e:
     print(f"preempted in {e}: run the same command again to resume the sweep")
-    raise SystemExit(143) from None
-  except (SweepError, ValueError, FileNotFoundError) as e:
+    raise SystemExit(143) from None  # 128 + SIGTERM, as train does, for requeueing
+  except (ValueError, FileNotFoundError) as e:  # SweepError is a ValueError
+    logging.debug("traceback", exc_info=True)
     raise SystemExit(f"error: {e}") from None
-  print((pathlib.Path(workdir) / "sweep.md").read_text() if summaries else "no runs")
+  if _is_writer():
+    print(render_table(summaries, metric, f"# sweep {fl.sweep}"))
 
 
 def run() -> None:
+  """Console-script entry (`nerveseg-sweep`)."""
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from nerveseg_jax import train  # pylint: disable=g-import-not-at-top
   train._flags()  # pylint: disable=protected-access  # --config (with overrides), --workdir
+  flags.mark_flag_as_required("config")
   flags.DEFINE_string("sweep", None, "configs/sweeps/<name>.py[:arg]", required=True)
-  flags.DEFINE_string("metric", "", "validation metric to rank by (default: train's best)")
+  flags.DEFINE_string("metric", "", "validation metric to rank by (default: the sweep "
+                      "file's, else the one train keeps the best checkpoint by)")
   logging.getLogger().setLevel(logging.INFO)
   app.run(main, flags_parser=train._friendly_flag_errors)  # pylint: disable=protected-access
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import pathlib
 import signal
@@ -352,6 +353,38 @@ def _meta(config, step: int, metrics: Mapping[str, float] | None, best_metric: s
           "metrics": dict(metrics or {})}
 
 
+VAL_HISTORY_FILE = "val_history.jsonl"
+
+
+def _append_val_history(workdir, step: int, values: Mapping[str, float]) -> None:
+  """One JSON line per evaluation in WORKDIR/val_history.jsonl (plain, no TF to read it).
+
+  Rewritten whole (small) rather than appended: object stores have no append. After a
+  SIGKILL and resume, steps past the restored checkpoint are evaluated again and appear
+  twice; readers keep the last line of each step (see read_val_history).
+  """
+  path = workdir / VAL_HISTORY_FILE
+  old = path.read_text() if path.exists() else ""
+  row = {"step": int(step), **{k: (float(v) if np.isfinite(v) else None)
+                               for k, v in values.items()}}
+  tmp = workdir / (VAL_HISTORY_FILE + ".tmp")
+  tmp.write_text(old + json.dumps(row) + "\n")
+  tmp.replace(path)
+
+
+def read_val_history(workdir) -> list[dict[str, Any]]:
+  """WORKDIR's evaluations, one per step (the last written wins), in step order."""
+  path = ckpt_lib.as_path(workdir) / VAL_HISTORY_FILE
+  if not path.exists():
+    return []
+  by_step = {}
+  for line in path.read_text().splitlines():
+    if line.strip():
+      row = json.loads(line)
+      by_step[int(row["step"])] = row
+  return [by_step[k] for k in sorted(by_step)]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
                        ) -> dict[str, Any]:
   """Trains (resuming from WORKDIR/checkpoints if any) and returns the final metrics."""
@@ -442,6 +475,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       values = metrics_lib.to_host(total.compute())
       values["images_per_sec"] = n / max(time.perf_counter() - t, 1e-9)
       writer.write_scalars(step, {f"val/{k}": v for k, v in values.items()})
+      if jax.process_index() == 0:
+        _append_val_history(workdir, step, values)
       logging.info("step %d validation: %s", step,
                    ", ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
       return values
@@ -461,7 +496,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     final: dict[str, Any] = {"compile_seconds": compile_s, "start_step": start}
     train_metrics = None
     history: list[dict[str, float]] = []  # train metrics at each log step (the loss curve)
-    val_history: list[dict[str, float]] = []  # validation at each eval step (for sweeps)
     val_values: dict[str, float] = {}
     last_saved = start
     step = start
@@ -491,8 +525,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           with report.timed("eval"):
             val_values = evaluate(step)
           final.update({f"val_{k}": v for k, v in val_values.items()})
-          if val_values:
-            val_history.append({"step": step, **val_values})
         save_now = step % int(config.checkpoint_every_steps) == 0 or step == num_steps
         stop = preemption.agreed()
         if save_now or stop:
@@ -517,7 +549,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # Also on errors: lets a pending asynchronous save finish (it is of a good state).
     checkpointer.close()
   final.update({"step": step, "preempted": preempted, "history": history,
-                "val_history": val_history,
                 "params_sha256": params_digest(state["params"])})
   return final
 
@@ -562,7 +593,7 @@ def main(argv: list[str]) -> None:
     logging.debug("traceback", exc_info=True)
     raise SystemExit(f"error: {e}") from None
   shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
-           if k not in ("history", "val_history")}
+           if k != "history"}
   print(f"done: {workdir}: {shown}")
   if result.get("preempted"):
     # 128 + SIGTERM, as if the signal had ended the process: schedulers (SLURM requeue,

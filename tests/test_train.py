@@ -103,6 +103,11 @@ def test_smoke_training_loss_goes_down(reference):
     assert key in result, key
   assert 0.0 <= result["val_kaggle_score"] <= 1.0
   assert (workdir / "config.json").exists()
+  # Every evaluation is also a line of val_history.jsonl (what sweeps read).
+  evals = train.read_val_history(workdir)
+  assert [e["step"] for e in evals] == [20, STEPS]
+  assert evals[-1]["kaggle_score"] == pytest.approx(result["val_kaggle_score"])
+  assert evals[-1]["nerve_dice"] == pytest.approx(result["val_nerve_dice"])
   tags = _event_tags(workdir)
   for tag in ("train/loss", "train/dice", "train/presence_accuracy", "train/learning_rate",
               "val/kaggle_score", "val/nerve_dice", "val/presence_accuracy",
