@@ -4,7 +4,7 @@
       [--json OUT] [--steps 10] [--infer_batch 16] [--workdir RUN]
 
 Measures on whatever devices JAX sees, with the project's own programs: the jitted,
-sharded, donating train step of train.py and the one predict function of inference.py.
+sharded, donating train step of train_step.py and the one predict function of inference.py.
 How to read the table: docs/performance.md.
 """
 
@@ -57,9 +57,9 @@ def _random_batch(config, mesh) -> dict[str, jax.Array]:
 def run(config, *, steps: int = 10, infer_batch: int = 16, workdir: str | None = None,
         pipeline: bool = True, inference: bool = True) -> dict[str, Any]:
   """Runs every measurement and returns them as a flat dict (None where not measured)."""
-  from nerveseg_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax import sharding, train_state, train_step  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(config.mesh)
-  train.validate_config(config, mesh.size)
+  train_state.validate_config(config, mesh.size)
   dev = jax.devices()[0]
   out: dict[str, Any] = {
       "device_kind": dev.device_kind, "platform": dev.platform,
@@ -69,11 +69,11 @@ def run(config, *, steps: int = 10, infer_batch: int = 16, workdir: str | None =
       "image_size": list(config.data.image_size), "dtype": str(config.dtype),
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "host_cpus": os.cpu_count()}
 
-  tx, schedule = train.make_optimizer(config)
-  parts = train.model_parts(config)
-  state, shardings = train.init_state(config, parts, tx, mesh)
-  step = train.jit_train_step(config, parts, tx, schedule, mesh, shardings)
-  health = train.initial_health(mesh)
+  tx, schedule = train_state.make_optimizer(config)
+  parts = train_state.model_parts(config)
+  state, shardings = train_state.init_state(config, parts, tx, mesh)
+  step = train_step.jit_train_step(config, parts, tx, schedule, mesh, shardings)
+  health = train_step.initial_health(mesh)
   batch = _random_batch(config, mesh)
   t = time.perf_counter()
   compiled = step.lower(state, health, batch).compile()

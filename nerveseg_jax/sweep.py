@@ -36,6 +36,8 @@ from typing import Any
 
 import ml_collections
 
+from nerveseg_jax import cli_flags
+
 RESULT_FILE = "sweep_result.json"
 _TABLES = ("sweep.md", "sweep.json")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
@@ -255,13 +257,13 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any], workdir,
   before each run's keys. Returns (summaries in sweep order, the metric ranked by).
   """
   from nerveseg_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from nerveseg_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax import sharding, train_state  # pylint: disable=g-import-not-at-top
   # Before anything touches a JAX backend: a multi-process sweep is one distributed job.
   sharding.maybe_initialize_distributed()
   workdir = ckpt_lib.as_path(workdir)
   base = apply_overrides(config, sweep.get("base", {}), f"{title} (base)")
   base = apply_overrides(base, overrides or {}, f"{title} (--config overrides)")
-  classifier = train._is_classifier(base)  # pylint: disable=protected-access
+  classifier = train_state.is_classifier(base)
   metric = metric or sweep.get("metric") or (
       "presence_accuracy" if classifier else "kaggle_score")
   if metric not in _metric_names(classifier):
@@ -273,7 +275,7 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any], workdir,
     where = f"{title} run {run['name']!r}"
     cfg = apply_overrides(base, {k: v for k, v in run.items() if k != "name"}, where)
     try:
-      train.validate_config(cfg, sharding.make_mesh(cfg.mesh).size)
+      train_state.validate_config(cfg, sharding.make_mesh(cfg.mesh).size)
     except ValueError as e:
       raise SweepError(f"{where}: {e}") from None
     _check_workdir(cfg, workdir / run["name"], where)
@@ -293,15 +295,13 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any], workdir,
 
 def main(argv: list[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from nerveseg_jax import train  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
   fl = flags.FLAGS
   path, _, arg = fl.sweep.partition(":")
   # A string, not pathlib: gs://bucket/sweep must keep its double slash.
   workdir = fl.workdir or str(pathlib.Path("runs") / f"sweep_{pathlib.Path(path).stem}")
-  cli = {k: get_key(fl.config, k)
-         for k in train._override_keys(sys.argv)}  # pylint: disable=protected-access
+  cli = {k: get_key(fl.config, k) for k in cli_flags.override_keys(sys.argv)}
   try:
     sweep = load_sweep(path, arg)
     summaries, metric = run_sweep(fl.config, sweep, workdir, fl.metric or None,
@@ -319,14 +319,13 @@ def main(argv: list[str]) -> None:
 def run() -> None:
   """Console-script entry (`nerveseg-sweep`)."""
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from nerveseg_jax import train  # pylint: disable=g-import-not-at-top
-  train._flags()  # pylint: disable=protected-access  # --config (with overrides), --workdir
+  cli_flags.define_flags()  # --config (with overrides), --workdir
   flags.mark_flag_as_required("config")
   flags.DEFINE_string("sweep", None, "configs/sweeps/<name>.py[:arg]", required=True)
   flags.DEFINE_string("metric", "", "validation metric to rank by (default: the sweep "
                       "file's, else the one train keeps the best checkpoint by)")
   logging.getLogger().setLevel(logging.INFO)
-  app.run(main, flags_parser=train._friendly_flag_errors)  # pylint: disable=protected-access
+  app.run(main, flags_parser=cli_flags.parse_flags)
 
 
 if __name__ == "__main__":

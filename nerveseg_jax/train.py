@@ -9,7 +9,6 @@ different number of devices, follows the same trajectory.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -18,270 +17,25 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax import nnx
 
 from nerveseg_jax import checkpoint as ckpt_lib
-from nerveseg_jax import losses
+from nerveseg_jax import cli_flags
 from nerveseg_jax import metrics as metrics_lib
 from nerveseg_jax import sharding
+from nerveseg_jax import train_state
+from nerveseg_jax import train_step
 
-CLASSIFIER_MODELS = ("inception_resnet_v2",)
-_BATCH_KEYS = ("image", "mask", "has_nerve")
+_BATCH_KEYS = train_step.BATCH_KEYS
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN/inf; the run stopped without saving the bad state."""
-
-
-# ----------------------------------------------------------------------------- setup
-
-
-def _is_classifier(config: ml_collections.ConfigDict) -> bool:
-  return str(config.model.name) in CLASSIFIER_MODELS
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
-                                                                 optax.Schedule]:
-  """AdamW with linear warmup then cosine decay to 0, after global-norm clipping."""
-  steps = int(config.num_train_steps)
-  warmup = min(int(config.warmup_steps), max(steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=float(config.learning_rate), warmup_steps=warmup,
-      decay_steps=max(steps, warmup + 1), end_value=0.0)
-  # Decay only kernels: norms and biases are scale/offsets that decay would distort.
-  mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  parts = []
-  if config.grad_clip_norm and config.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(float(config.grad_clip_norm)))
-  parts.append(optax.adamw(schedule, weight_decay=float(config.weight_decay), mask=mask))
-  return optax.chain(*parts), schedule
-
-
-def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Errors a user can cause, each naming its config key."""
-  for key in ("batch_size", "eval_batch_size", "num_train_steps", "log_every_steps",
-              "eval_every_steps", "checkpoint_every_steps"):
-    if int(config[key]) <= 0:
-      raise ValueError(f"config key {key}={config[key]} must be positive")
-  for key in ("batch_size", "eval_batch_size"):
-    if int(config[key]) % num_devices:
-      raise ValueError(f"config key {key}={config[key]} must be divisible by the "
-                       f"{num_devices} devices of the mesh (it is the global batch)")
-  ckpt_lib.compute_dtype(config)
-  if _is_classifier(config) and not config.model.get("num_classes", 1) == 1:
-    raise ValueError("config key model.num_classes must be 1: the classifier predicts "
-                     "nerve presence")
-
-
-def _model_fn(config: ml_collections.ConfigDict) -> Callable[[], nnx.Module]:
-  from nerveseg_jax import models  # pylint: disable=g-import-not-at-top
-  dtype = ckpt_lib.compute_dtype(config)
-  return lambda: models.build_model(config.model, dtype=dtype,
-                                    rngs=nnx.Rngs(int(config.seed)))
-
-
-def _to_state(template: nnx.State, pure: Any) -> nnx.State:
-  """A pure dict of arrays back into the nnx.State layout of `template` (same key order)."""
-  return jax.tree.unflatten(jax.tree.structure(template), jax.tree.leaves(pure))
-
-
-def _rng_tags(rng_state: nnx.State) -> list[str]:
-  tags = set()
-  for _, var in nnx.to_flat_state(rng_state):
-    tag = getattr(var, "tag", None)
-    if tag:
-      tags.add(tag)
-  return sorted(tags)
-
-
-@dataclasses.dataclass
-class ModelParts:
-  """The static pieces for rebuilding the model inside jitted functions."""
-  graphdef: Any
-  rng_template: nnx.State
-  params_template: nnx.State
-  rest_template: nnx.State
-  rng_tags: list[str]
-
-  def merge(self, params: Any, rest: Any, key: jax.Array | None) -> nnx.Module:
-    rngs = jax.tree.map(ckpt_lib._concrete_rng_leaf, self.rng_template)  # pylint: disable=protected-access
-    model = nnx.merge(self.graphdef, rngs, _to_state(self.params_template, params),
-                      _to_state(self.rest_template, rest))
-    if key is not None and self.rng_tags:
-      # Dropout noise from (seed, step) only: independent of device count and resume.
-      nnx.reseed(model, **{t: jax.random.fold_in(key, i) for i, t in enumerate(self.rng_tags)})
-    return model
-
-  def rest_of(self, model: nnx.Module) -> Any:
-    _, _, _, rest = nnx.split(model, nnx.RngState, nnx.Param, ...)
-    return rest.to_pure_dict()
-
-
-def model_parts(config: ml_collections.ConfigDict) -> ModelParts:
-  abstract = nnx.eval_shape(_model_fn(config))
-  graphdef, rng, params, rest = nnx.split(abstract, nnx.RngState, nnx.Param, ...)
-  return ModelParts(graphdef, rng, params, rest, _rng_tags(rng))
-
-
-def abstract_state(config, tx, mesh) -> tuple[Callable[[], Any], Any, Any]:
-  """(init_fn, abstract state with shardings, shardings) of the train state."""
-  build = _model_fn(config)
-
-  def init():
-    model = build()
-    _, _, params, rest = nnx.split(model, nnx.RngState, nnx.Param, ...)
-    params = params.to_pure_dict()
-    return {"params": params, "rest": rest.to_pure_dict(), "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32)}
-
-  abstract = jax.eval_shape(init)
-  shardings = sharding.state_shardings(mesh, abstract)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          abstract, shardings)
-  return init, abstract, shardings
-
-
-def init_state(config, parts: ModelParts, tx, mesh) -> tuple[Any, Any]:
-  """The train state created directly into its shardings; returns (state, shardings)."""
-  del parts  # the state's layout comes from the same model function
-  init, _, shardings = abstract_state(config, tx, mesh)
-  lowered = jax.jit(init, out_shardings=shardings).lower()
-  # The init runs once; on CPU, LLVM's optimisation of the truncated-normal initialisers
-  # costs ~4x the compile time of everything else here, for nothing.
-  options = {"xla_backend_optimization_level": 0} if mesh.devices.flat[0].platform == "cpu" \
-      else None
-  return lowered.compile(compiler_options=options)(), shardings
-
-
-def apply_init_from(config, state, shardings) -> Any:
-  """Overwrites params/rest with the arrays of config.init_from that fit (by key)."""
-  full = {"params": state["params"], "rest": state["rest"]}
-  expected = ckpt_lib.merge_nested(full["params"], full["rest"])
-  found = ckpt_lib.load_init_from(config.init_from, expected)
-
-  def one(subtree, subshard):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(subtree)
-    shard_leaves = jax.tree.leaves(subshard)
-    out = []
-    for (path, leaf), shard in zip(flat, shard_leaves):
-      value = found.get(ckpt_lib.path_str(path))
-      out.append(leaf if value is None else jax.make_array_from_callback(
-          value.shape, shard, lambda idx, v=value: v[idx]))
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-  state = dict(state)
-  state["params"] = one(state["params"], shardings["params"])
-  state["rest"] = one(state["rest"], shardings["rest"])
-  return state
-
-
-# ----------------------------------------------------------------------------- steps
-
-
-def make_train_step(config, parts: ModelParts, tx, schedule):
-  """(state, health, batch) -> (state, health, TrainMetrics, extras)."""
-  classifier = _is_classifier(config)
-  aug_cfg = config.data.augment
-  loss_cfg = None if classifier else dict(config.loss)
-  seed = int(config.seed)
-  from nerveseg_jax.data import augment  # pylint: disable=g-import-not-at-top
-
-  def step_fn(state, health, batch):
-    step = state["step"]
-    key = jax.random.fold_in(jax.random.key(seed), step)
-    aug_key, drop_key = jax.random.split(key)
-    batch = {k: batch[k] for k in _BATCH_KEYS}
-    if aug_cfg.enabled:
-      batch["image"], batch["mask"] = augment.augment(aug_key, batch["image"], batch["mask"],
-                                                      aug_cfg)
-
-    def loss_fn(params):
-      model = parts.merge(params, state["rest"], drop_key)
-      model.train()
-      outputs = model(batch["image"])
-      if classifier:
-        loss, aux = losses.presence_loss(outputs, batch)
-      else:
-        loss, aux = losses.seg_loss(outputs, batch, loss_cfg)
-      return loss, (aux, outputs, parts.rest_of(model))
-
-    (loss, (aux, outputs, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    grad_norm = optax.global_norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # A non-finite step changes nothing; the host sees `health` and stops the run.
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    new_state = {"params": keep(params, state["params"]), "rest": keep(rest, state["rest"]),
-                 "opt_state": keep(opt_state, state["opt_state"]), "step": step + 1}
-    first_bad = health[0] < 0
-    health = jnp.where(ok | ~first_bad, health,
-                       jnp.stack([step.astype(jnp.float32), loss.astype(jnp.float32)]))
-    if classifier:
-      per_ex = metrics_lib.classifier_outputs(outputs, batch)
-      m = metrics_lib.ClassifierTrainMetrics.single_from_model_output(loss=loss, **per_ex)
-    else:
-      per_ex = metrics_lib.seg_outputs(outputs[0], outputs[1], batch)
-      m = metrics_lib.TrainMetrics.single_from_model_output(loss=loss, **per_ex)
-    extras = {"grad_norm": grad_norm, "learning_rate": schedule(step)}
-    return new_state, health, m, extras
-
-  return step_fn
-
-
-def jit_train_step(config, parts: ModelParts, tx, schedule, mesh, shardings):
-  """The train step jitted with explicit shardings; the state and health are donated.
-
-  Shared by train_and_evaluate and the benchmark, so both measure the same program.
-  """
-  repl = sharding.replicated(mesh)
-  batch_shardings = {"image": sharding.batch_sharding(mesh, 4),
-                     "mask": sharding.batch_sharding(mesh, 4),
-                     "has_nerve": sharding.batch_sharding(mesh, 1)}
-  return jax.jit(make_train_step(config, parts, tx, schedule),
-                 in_shardings=(shardings, repl, batch_shardings),
-                 out_shardings=(shardings, repl, repl, repl), donate_argnums=(0, 1))
-
-
-def initial_health(mesh) -> jax.Array:
-  """(first bad step, its loss); -1 while every step was finite."""
-  return jax.device_put(jnp.array([-1.0, 0.0], jnp.float32), sharding.replicated(mesh))
-
-
-def make_eval_step(config, parts: ModelParts):
-  classifier = _is_classifier(config)
-  loss_cfg = None if classifier else dict(config.loss)
-
-  def eval_fn(state, batch):
-    model = parts.merge(state["params"], state["rest"], None)
-    model.eval()
-    valid = batch["valid"]
-    b = {k: batch[k] for k in _BATCH_KEYS}
-    outputs = model(b["image"])
-    if classifier:
-      per_ex = metrics_lib.classifier_outputs(outputs, b)
-      per_ex["loss"] = optax.sigmoid_binary_cross_entropy(
-          outputs.reshape(-1).astype(jnp.float32), b["has_nerve"])
-      return metrics_lib.ClassifierEvalMetrics.single_from_model_output(valid=valid, **per_ex)
-    per_ex = metrics_lib.seg_outputs(outputs[0], outputs[1], b)
-    # Per-example loss so padding is masked out exactly.
-    per_ex["loss"] = jax.vmap(lambda o0, o1, bb: losses.seg_loss(
-        (o0[None], None if o1 is None else o1[None]),
-        {k: v[None] for k, v in bb.items()}, loss_cfg)[0])(outputs[0], outputs[1], b)
-    valid_nerve = valid & (b["has_nerve"] > 0.5)
-    return metrics_lib.EvalMetrics.single_from_model_output(
-        valid=valid, valid_nerve=valid_nerve, **per_ex)
-
-  return eval_fn
 
 
 # ----------------------------------------------------------------------------- loop
@@ -392,8 +146,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   sharding.maybe_initialize_distributed()
   workdir = ckpt_lib.as_path(workdir)
   mesh = sharding.make_mesh(config.mesh)
-  validate_config(config, mesh.size)
-  classifier = _is_classifier(config)
+  train_state.validate_config(config, mesh.size)
+  classifier = train_state.is_classifier(config)
   best_metric = "presence_accuracy" if classifier else "kaggle_score"
 
   # The model check comes first, and config.json and the event files are written only
@@ -416,11 +170,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   train_arrays = pipeline.load_arrays(config.data, "train")
   val_arrays = pipeline.load_arrays(config.data, "val") if int(config.data.fold) >= 0 else None
   try:
-    tx, schedule = make_optimizer(config)
-    parts = model_parts(config)
+    tx, schedule = train_state.make_optimizer(config)
+    parts = train_state.model_parts(config)
     if start is not None:
       # Restored straight into the shardings: no random init to compile on resume.
-      _, abstract, shardings = abstract_state(config, tx, mesh)
+      _, abstract, shardings = train_state.abstract_state(config, tx, mesh)
       state, meta = checkpointer.restore(start, abstract)
       if int(meta.get("seed", config.seed)) != int(config.seed):
         logging.warning("config key seed=%s differs from the checkpoint's seed=%s: the run "
@@ -429,9 +183,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       logging.info("resumed from %s step %d", checkpointer.directory, start)
     else:
       start = 0
-      state, shardings = init_state(config, parts, tx, mesh)
+      state, shardings = train_state.init_state(config, parts, tx, mesh)
       if config.init_from:
-        state = apply_init_from(config, state, shardings)
+        state = train_state.apply_init_from(config, state, shardings)
       data_step = 0
     start = int(start)
     if jax.process_index() == 0:
@@ -443,8 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     train_iter = pipeline.TrainIterator(train_arrays, int(config.batch_size), mesh,
                                         seed=int(config.seed), start_step=data_step)
 
-    jit_step = jit_train_step(config, parts, tx, schedule, mesh, shardings)
-    health = initial_health(mesh)
+    jit_step = train_step.jit_train_step(config, parts, tx, schedule, mesh, shardings)
+    health = train_step.initial_health(mesh)
 
     first = next(train_iter)
     batch_abstract = {k: jax.ShapeDtypeStruct(first[k].shape, first[k].dtype,
@@ -453,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     compiled = jit_step.lower(state, health, batch_abstract).compile()
     compile_s = time.perf_counter() - t0
     _log_compiled("train_step", compiled, compile_s, writer)
-    eval_step = jax.jit(make_eval_step(config, parts))
+    eval_step = jax.jit(train_step.make_eval_step(config, parts))
 
     hooks = []
     report = periodic_actions.ReportProgress(num_train_steps=int(config.num_train_steps),
@@ -556,33 +310,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 # ----------------------------------------------------------------------------- entry
 
 
-def _flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  if "config" not in flags.FLAGS:
-    config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:variant]",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "output directory (default ./runs/<config name>)")
-  return flags.FLAGS
-
-
-def default_workdir(config_arg: str, config: ml_collections.ConfigDict) -> pathlib.Path:
-  """./runs/<file stem>[_<variant>], e.g. runs/unet_synthetic for configs/unet.py:synthetic."""
-  path, _, variant = config_arg.partition(":")
-  name = pathlib.Path(path).stem or str(config.get("name", "run"))
-  if variant:
-    name += "_" + variant.replace(",", "_")
-  return pathlib.Path("runs") / name
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
   from nerveseg_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-  flags = _flags()
+  flags = cli_flags.define_flags()
   config = flags.config
   # A string, not pathlib: gs://bucket/run must keep its double slash.
-  workdir = flags.workdir or default_workdir(_config_arg(sys.argv), config)
+  workdir = flags.workdir or cli_flags.default_workdir(cli_flags.config_arg(sys.argv), config)
   try:
     result = train_and_evaluate(config, workdir)
   except tfds_source.DataNotFoundError as e:
@@ -602,56 +337,11 @@ def main(argv: list[str]) -> None:
     raise SystemExit(143)
 
 
-def _config_arg(argv: list[str]) -> str:
-  """The --config value as given on the command line (file[:variant])."""
-  for i, a in enumerate(argv):
-    if a.startswith("--config="):
-      return a.split("=", 1)[1]
-    if a == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return ""
-
-
-def _override_keys(argv: list[str]) -> list[str]:
-  return [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-
-
-def _friendly_flag_errors(argv: list[str]) -> list[str]:
-  """Parses flags; a bad --config or --config.KEY ends in one message, not a traceback."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  fl = _flags()
-  try:
-    return fl(argv)
-  except (AttributeError, KeyError) as e:
-    # config_flags raises these for an override of a key the config does not have.
-    hint = str(e).replace("\\n", "\n")
-    hint = hint[hint.index("Did you mean"):].strip("\"' ") if "Did you mean" in hint else ""
-    cfg = fl["config"].value
-    unknown = [k for k in _override_keys(argv) if cfg is None or not _has_key(cfg, k)]
-    key = unknown[0] if unknown else str(e)
-    raise SystemExit(f"error: unknown config key {key!r} (--config.{key}=...); "
-                     f"{hint}".rstrip("; ")) from None
-  except flags.Error as e:
-    lines = [l for l in str(e).splitlines() if l.strip()]
-    # config_flags embeds the config file's traceback: keep its first and last line.
-    msg = lines[0] if len(lines) < 2 else f"{lines[0]} {lines[-1].strip()}"
-    raise SystemExit(f"error: {msg}") from None
-
-
-def _has_key(cfg: ml_collections.ConfigDict, dotted: str) -> bool:
-  node = cfg
-  for part in dotted.split("."):
-    if not isinstance(node, (ml_collections.ConfigDict, Mapping)) or part not in node:
-      return False
-    node = node[part]
-  return True
-
-
 def run() -> None:
   """Console-script entry (`nerveseg-train`)."""
   from absl import app  # pylint: disable=g-import-not-at-top
   logging.getLogger().setLevel(logging.INFO)
-  app.run(main, flags_parser=_friendly_flag_errors)
+  app.run(main, flags_parser=cli_flags.parse_flags)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from nerveseg_jax import checkpoint, sharding, train
+from nerveseg_jax import checkpoint, sharding, train, train_state
 from nerveseg_jax.configs import unet
 
 
@@ -24,9 +24,9 @@ def _config(features=4):
 def _fresh_state_cached(features):
   config = _config(features)
   mesh = sharding.make_mesh(config.mesh)
-  tx, _ = train.make_optimizer(config)
-  parts = train.model_parts(config)
-  return train.init_state(config, parts, tx, mesh)
+  tx, _ = train_state.make_optimizer(config)
+  parts = train_state.model_parts(config)
+  return train_state.init_state(config, parts, tx, mesh)
 
 
 def _fresh_state(config):
@@ -142,7 +142,7 @@ def test_init_from_partial_restore_by_key(tmp_path):
   src["imagenet_top"] = {"kernel": np.ones((1536, 1000), np.float32)}
   _save(tmp_path / "converted", src)
   cfg.init_from = str(tmp_path / "converted")
-  new = train.apply_init_from(cfg, state, shardings)
+  new = train_state.apply_init_from(cfg, state, shardings)
   got = checkpoint.flat_by_path(checkpoint.merge_nested(
       jax.device_get(new["params"]), jax.device_get(new["rest"])))
   orig = checkpoint.flat_by_path(full)
@@ -165,10 +165,10 @@ def test_init_from_partial_restore_by_key(tmp_path):
   _save(tmp_path / "bad", bad)
   cfg.init_from = str(tmp_path / "bad")
   with pytest.raises(checkpoint.CheckpointMismatchError, match=re.escape(bad_key)):
-    train.apply_init_from(cfg, state, shardings)
+    train_state.apply_init_from(cfg, state, shardings)
   cfg.init_from = str(tmp_path / "missing")
   with pytest.raises(FileNotFoundError, match="init_from"):
-    train.apply_init_from(cfg, state, shardings)
+    train_state.apply_init_from(cfg, state, shardings)
 
 
 def _save(path, tree):
@@ -246,7 +246,7 @@ def test_init_from_a_training_checkpoint_and_bad_paths(tmp_path):
   state, shardings = _fresh_state(cfg)
   # The state item of a training checkpoint: its params (and batch statistics) are used.
   cfg.init_from = str(tmp_path / "run" / "checkpoints" / "1" / "state")
-  new = train.apply_init_from(cfg, state, shardings)
+  new = train_state.apply_init_from(cfg, state, shardings)
   for a, b in zip(_leaves(new["params"]), _leaves(saved[1]), strict=True):
     np.testing.assert_array_equal(a, b)
   for a, b in zip(_leaves(new["rest"]), _leaves(state["rest"]), strict=True):
@@ -254,14 +254,14 @@ def test_init_from_a_training_checkpoint_and_bad_paths(tmp_path):
   # A workdir, a Keras file given directly, and a directory that is no checkpoint.
   cfg.init_from = str(tmp_path / "run")
   with pytest.raises(checkpoint.CheckpointMismatchError, match="is a training workdir"):
-    train.apply_init_from(cfg, state, shardings)
+    train_state.apply_init_from(cfg, state, shardings)
   (tmp_path / "w.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
   cfg.init_from = str(tmp_path / "w.h5")
   with pytest.raises(checkpoint.CheckpointMismatchError, match=r"w\.h5 is a file.*convert_keras"):
-    train.apply_init_from(cfg, state, shardings)
+    train_state.apply_init_from(cfg, state, shardings)
   (tmp_path / "plain").mkdir()
   (tmp_path / "plain" / "readme.txt").write_text("hi")
   cfg.init_from = str(tmp_path / "plain")
   with pytest.raises(checkpoint.CheckpointMismatchError,
                      match=r"plain is not a readable Orbax checkpoint"):
-    train.apply_init_from(cfg, state, shardings)
+    train_state.apply_init_from(cfg, state, shardings)

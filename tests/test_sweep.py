@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from nerveseg_jax import sweep
-from nerveseg_jax import train
+from nerveseg_jax import train, train_state
 from nerveseg_jax.configs import unet
 from test_train import REPO, smoke_config, smoke_data_dir
 
@@ -173,7 +173,7 @@ def test_the_shipped_real_subset_sweep_applies_to_the_folder_config():
   assert names[0] == "base" and "seed1" in names and spec["metric"] == "nerve_dice"
   for run in spec["runs"]:
     cfg = sweep.apply_overrides(base, {k: v for k, v in run.items() if k != "name"}, "r")
-    train.validate_config(cfg, 1)
+    train_state.validate_config(cfg, 1)
     assert len([k for k in run if k != "name"]) <= 1, run   # one factor at a time
     assert cfg.data.source == "folder"
 

@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 import conftest
-from nerveseg_jax import checkpoint, train
+from nerveseg_jax import checkpoint, train, train_state, train_step
 from nerveseg_jax.configs import unet
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_optimizer_is_adamw_warmup_cosine_with_clipping():
   c = unet.get_config("smoke")
   c.update(num_train_steps=100, warmup_steps=10, learning_rate=1e-2, grad_clip_norm=1.0,
            weight_decay=0.1)
-  tx, schedule = train.make_optimizer(c)
+  tx, schedule = train_state.make_optimizer(c)
   # Linear warmup to the peak, then cosine down to 0 at num_train_steps.
   np.testing.assert_allclose([schedule(s) for s in (0, 5, 10, 55, 100)],
                              [0.0, 5e-3, 1e-2, 5e-3, 0.0], rtol=1e-5, atol=1e-9)
@@ -154,7 +154,7 @@ def test_optimizer_is_adamw_warmup_cosine_with_clipping():
   # fed to the unclipped optimizer (two steps, so Adam's moments see the scale).
   grads = [{"kernel": np.full((2, 3), 1e4, np.float32), "bias": np.full((3,), -2e4, np.float32)},
            {"kernel": np.full((2, 3), 0.1, np.float32), "bias": np.zeros((3,), np.float32)}]
-  unclipped, _ = train.make_optimizer(dict_config(c, grad_clip_norm=0.0))
+  unclipped, _ = train_state.make_optimizer(dict_config(c, grad_clip_norm=0.0))
   s1, s2 = tx.init(params), unclipped.init(params)
   for g in grads:
     norm = float(np.sqrt(sum(np.sum(np.square(v)) for v in g.values())))
@@ -182,9 +182,9 @@ def test_state_is_created_sharded_and_the_step_donates_it():
   from nerveseg_jax import sharding  # pylint: disable=g-import-not-at-top
   cfg = smoke_config("", **{"mesh.data": 2, "mesh.fsdp": 4})
   mesh = sharding.make_mesh(cfg.mesh)
-  tx, schedule = train.make_optimizer(cfg)
-  parts = train.model_parts(cfg)
-  state, shardings = train.init_state(cfg, parts, tx, mesh)
+  tx, schedule = train_state.make_optimizer(cfg)
+  parts = train_state.model_parts(cfg)
+  state, shardings = train_state.init_state(cfg, parts, tx, mesh)
   for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
     assert leaf.sharding == want
   # FSDP: kernels are physically split over the 4 fsdp devices, and Adam's moments
@@ -204,8 +204,8 @@ def test_state_is_created_sharded_and_the_step_donates_it():
   batch = {"image": np.zeros((8, h, w, 1), np.float32), "mask": np.zeros((8, h, w, 1), np.float32),
            "has_nerve": np.zeros((8,), np.float32)}
   batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
-  step = train.jit_train_step(cfg, parts, tx, schedule, mesh, shardings)
-  new, health, _, _ = step(state, train.initial_health(mesh), batch)
+  step = train_step.jit_train_step(cfg, parts, tx, schedule, mesh, shardings)
+  new, health, _, _ = step(state, train_step.initial_health(mesh), batch)
   # Donated: the old state's buffers were reused for the new one.
   assert all(x.is_deleted() for x in jax.tree.leaves(state["params"]))
   for leaf, want in zip(jax.tree.leaves(new), jax.tree.leaves(shardings), strict=True):
