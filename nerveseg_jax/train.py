@@ -110,7 +110,7 @@ def _meta(config, step: int, metrics: Mapping[str, float] | None, best_metric: s
 VAL_HISTORY_FILE = "val_history.jsonl"
 
 
-def _append_val_history(workdir, step: int, values: Mapping[str, float]) -> None:
+def append_val_history(workdir, step: int, values: Mapping[str, float]) -> None:
   """One JSON line per evaluation in WORKDIR/val_history.jsonl (plain, no TF to read it).
 
   Rewritten whole (small) rather than appended: object stores have no append. After a
@@ -230,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       values["images_per_sec"] = n / max(time.perf_counter() - t, 1e-9)
       writer.write_scalars(step, {f"val/{k}": v for k, v in values.items()})
       if jax.process_index() == 0:
-        _append_val_history(workdir, step, values)
+        append_val_history(workdir, step, values)
       logging.info("step %d validation: %s", step,
                    ", ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
       return values

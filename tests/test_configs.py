@@ -20,7 +20,7 @@ STABLE = ("data.source", "data.manual_dir", "data.data_dir", "data.image_size",
 def test_configs_have_stable_keys(module, arg):
   c = module.get_config(arg)
   for key in STABLE:
-    assert cli_flags.has_key(c, key), key  # pylint: disable=protected-access
+    assert cli_flags.has_key(c, key), key
   assert c.batch_size % 8 == 0 and c.eval_batch_size % 8 == 0  # fits 8 fake devices
   if arg in ("synthetic", "smoke"):
     assert c.data.source == "synthetic"

@@ -74,8 +74,8 @@ def _fake_train(finals, raises=()):
       raise train.NonFiniteLossError("non-finite loss nan at step 3")
     value = finals[lr]
     if value is not None:
-      train._append_val_history(workdir, 2, {"kaggle_score": 0.1, "loss": 2.0})  # pylint: disable=protected-access
-      train._append_val_history(workdir, 4, {"kaggle_score": value, "loss": 1.0 - value})  # pylint: disable=protected-access
+      train.append_val_history(workdir, 2, {"kaggle_score": 0.1, "loss": 2.0})
+      train.append_val_history(workdir, 4, {"kaggle_score": value, "loss": 1.0 - value})
     return {"step": 4, "preempted": False}
   return fake
 
@@ -110,9 +110,9 @@ def test_preemption_stops_the_sweep_and_the_rerun_resumes(tmp_path, monkeypatch)
     calls.append(workdir.name)
     workdir.mkdir(parents=True, exist_ok=True)
     if len(calls) == 1:   # run a: one evaluation, then SIGTERM
-      train._append_val_history(workdir, 2, {"kaggle_score": 0.25})  # pylint: disable=protected-access
+      train.append_val_history(workdir, 2, {"kaggle_score": 0.25})
       return {"step": 3, "preempted": True}
-    train._append_val_history(workdir, 4, {"kaggle_score": 0.5 + 0.25 * (len(calls) == 3)})  # pylint: disable=protected-access
+    train.append_val_history(workdir, 4, {"kaggle_score": 0.5 + 0.25 * (len(calls) == 3)})
     return {"step": 4, "preempted": False}
 
   monkeypatch.setattr(train, "train_and_evaluate", fake)
