@@ -2,7 +2,7 @@
 
   python -m nerveseg_jax.sweep --config configs/unet.py:folder \\
       --sweep configs/sweeps/real_subset.py [--workdir runs/sweep_real_subset] \\
-      [--metric nerve_dice] [--config.KEY=VALUE ...]
+      [--metric nerve_dice] [--evaluate] [--config.KEY=VALUE ...]
 
 A sweep file defines ``get_sweep(arg)`` returning
 ``{"base": {key: value}, "runs": [{"name": ..., key: value}, ...], "metric": ...}``
@@ -17,7 +17,10 @@ again after an interruption: finished runs are read back (WORKDIR/<name>/sweep_r
 a preempted or killed one resumes from its checkpoint, and its evaluations so far are in
 its val_history.jsonl. A workdir trained with a different config is an error, not
 reused. Runs are ranked by the metric at the last evaluation (``--metric``, else the
-sweep file's, else the one train.py keeps the best checkpoint by).
+sweep file's, else the one train.py keeps the best checkpoint by). train evaluates at
+the network's resolution; ``--evaluate`` also scores each run's last checkpoint with
+``nerveseg_jax.evaluate`` at the frames' own size, as Kaggle does, and ranks by that
+(needed to compare resolutions fairly).
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ import ml_collections
 from nerveseg_jax import cli_flags
 
 RESULT_FILE = "sweep_result.json"
+# train's validation metrics are at the network's resolution; evaluate's, at the frames'
+# own size (what Kaggle scores). The names of the same quantity in the two:
+SOURCE_METRIC = {"nerve_dice": "dice_nerve_frames", "kaggle_score": "kaggle_score"}
 _TABLES = ("sweep.md", "sweep.json")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 LOWER_IS_BETTER = ("loss",)
@@ -162,8 +168,17 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir, where: str) -> No
                        f"{', '.join(diff)}); delete it or rename the run")
 
 
+def _evaluate_at_source_size(workdir, metric: str) -> dict[str, Any]:
+  """The run's last checkpoint scored by `evaluate` on its validation fold, uncalibrated."""
+  from nerveseg_jax import evaluate  # pylint: disable=g-import-not-at-top
+  out = evaluate.run(str(workdir), split="val", which="latest", calibrate_split=False)
+  keys = ("kaggle_score", "dice_nerve_frames", "presence_precision", "presence_recall")
+  m = {k: out["metrics"].get(k) for k in keys}
+  return {"source_size": m, "source_final": m.get(SOURCE_METRIC[metric])}
+
+
 def run_one(config: ml_collections.ConfigDict, run: dict[str, Any], workdir,
-            metric: str, where: str) -> dict[str, Any]:
+            metric: str, where: str, at_source_size: bool = False) -> dict[str, Any]:
   """Trains one run (or reads back its finished result) and returns its summary."""
   from nerveseg_jax import train  # pylint: disable=g-import-not-at-top
   overrides = _jsonable({k: v for k, v in run.items() if k != "name"})
@@ -177,7 +192,15 @@ def run_one(config: ml_collections.ConfigDict, run: dict[str, Any], workdir,
     if done.get("status") in ("ok", "diverged"):
       logging.info("%s: finished earlier, read from %s", where, result_path)
       # Scored again: the metric may differ from the one of the first reading.
-      return {**done, **score(done.get("val_history", []), metric)}
+      done.update(score(done.get("val_history", []), metric))
+      if at_source_size and done["status"] == "ok":
+        if "source_size" in done:
+          done["source_final"] = done["source_size"].get(SOURCE_METRIC[metric])
+        else:  # trained by a sweep without --evaluate: score it now, once
+          done.update(_evaluate_at_source_size(workdir, metric))
+          if _is_writer():
+            _write_json(result_path, _jsonable(done))
+      return done
   t0 = time.perf_counter()
   summary: dict[str, Any] = {"name": run["name"], "overrides": overrides}
   try:
@@ -197,6 +220,8 @@ def run_one(config: ml_collections.ConfigDict, run: dict[str, Any], workdir,
                  **score(history, metric))
   if summary["status"] == "ok" and not history:
     summary["status"] = "no_validation"  # e.g. data.fold=-1, or evals never recorded
+  if at_source_size and summary["status"] == "ok":
+    summary.update(_evaluate_at_source_size(workdir, metric))
   summary = _jsonable(summary)
   if _is_writer():
     _write_json(result_path, summary)
@@ -212,10 +237,12 @@ def _fmt(v: Any) -> str:
 
 
 def rank(summaries: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-  """Best first by the last evaluation's METRIC; runs without a value (diverged) last."""
+  """Best first by the last evaluation's METRIC, at source size where the sweep scored
+  it there; runs without a value (diverged) last."""
   sign = 1.0 if metric in LOWER_IS_BETTER else -1.0
+  field = "source_final" if any("source_final" in s for s in summaries) else "final"
   def key(s):
-    v = s.get("final")
+    v = s.get(field)
     return (0, sign * v) if isinstance(v, (int, float)) and math.isfinite(v) else (1, 0.0)
   return sorted(summaries, key=key)
 
@@ -223,11 +250,15 @@ def rank(summaries: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
 def render_table(summaries: list[dict[str, Any]], metric: str, header: str) -> str:
   """A markdown table, ranked (see rank), with METRIC at every evaluated step."""
   steps = sorted({h["step"] for s in summaries for h in s.get("val_history", [])})
+  source = any("source_final" in s for s in summaries)
   cols = ["rank", "run", "overrides", *[f"step {st}" for st in steps], "best (step)",
-          "wall s", "status"]
+          *(["at source size"] if source else []), "wall s", "status"]
   better = "lower" if metric in LOWER_IS_BETTER else "higher"
-  lines = [header, "", f"Ranked by validation `{metric}` ({better} is better) at the "
-           "last evaluation.", "",
+  where = (f"at the last step, scored by `evaluate` at the frames' own size "
+           f"(`{SOURCE_METRIC.get(metric)}`, uncalibrated)" if source else
+           "at the last evaluation")
+  lines = [header, "", f"Ranked by validation `{metric}` ({better} is better) {where}; "
+           "the step columns are train's evaluations at the network's resolution.", "",
            "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   for i, s in enumerate(rank(summaries, metric), 1):
     by_step = {h["step"]: h.get(metric) for h in s.get("val_history", [])}
@@ -237,6 +268,7 @@ def render_table(summaries: list[dict[str, Any]], metric: str, header: str) -> s
     wall = s.get("wall_seconds")
     lines.append("| " + " | ".join([
         str(i), s["name"], overrides, *[_fmt(by_step.get(st)) for st in steps], best,
+        *([_fmt(s.get("source_final"))] if source else []),
         f"{wall:.0f}" if wall is not None else "-", s.get("status", "?")]) + " |")
   return "\n".join(lines) + "\n"
 
@@ -249,12 +281,15 @@ def _metric_names(classifier: bool) -> set[str]:
 
 def run_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any], workdir,
               metric: str | None = None, title: str = "sweep",
-              overrides: dict[str, Any] | None = None
+              overrides: dict[str, Any] | None = None, at_source_size: bool = False
               ) -> tuple[list[dict[str, Any]], str]:
   """Trains every run of SWEEP in WORKDIR/<name>; writes sweep.json and sweep.md.
 
   OVERRIDES (the command line's --config.KEY values) apply after the sweep's base and
-  before each run's keys. Returns (summaries in sweep order, the metric ranked by).
+  before each run's keys. AT_SOURCE_SIZE also scores each run's last checkpoint with
+  `evaluate` at the frames' own size, and ranks by that: train's validation is at the
+  network's resolution, which flatters low resolutions. Returns (summaries in sweep
+  order, the metric ranked by).
   """
   from nerveseg_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from nerveseg_jax import sharding, train_state  # pylint: disable=g-import-not-at-top
@@ -269,6 +304,9 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any], workdir,
   if metric not in _metric_names(classifier):
     raise SweepError(f"{title}: unknown metric {metric!r}; one of "
                      f"{', '.join(sorted(_metric_names(classifier)))}")
+  if at_source_size and (classifier or metric not in SOURCE_METRIC):
+    raise SweepError(f"{title}: --evaluate scores segmentation runs by one of "
+                     f"{', '.join(SOURCE_METRIC)}, not {metric!r}")
   # Every run's config is built and checked before the first one trains.
   planned = []
   for run in sweep["runs"]:
@@ -283,7 +321,8 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any], workdir,
   summaries: list[dict[str, Any]] = []
   for run, cfg, where in planned:
     logging.info("%s (%d of %d)", where, len(summaries) + 1, len(planned))
-    summaries.append(run_one(cfg, run, workdir / run["name"], metric, where))
+    summaries.append(run_one(cfg, run, workdir / run["name"], metric, where,
+                             at_source_size=at_source_size))
     if _is_writer():
       workdir.mkdir(parents=True, exist_ok=True)
       _write_json(workdir / "sweep.json", {
@@ -305,7 +344,8 @@ def main(argv: list[str]) -> None:
   try:
     sweep = load_sweep(path, arg)
     summaries, metric = run_sweep(fl.config, sweep, workdir, fl.metric or None,
-                                  title=f"sweep {fl.sweep}", overrides=cli)
+                                  title=f"sweep {fl.sweep}", overrides=cli,
+                                  at_source_size=fl.evaluate)
   except Preempted as e:
     print(f"preempted in {e}: run the same command again to resume the sweep")
     raise SystemExit(143) from None  # 128 + SIGTERM, as train does, for requeueing
@@ -322,6 +362,8 @@ def run() -> None:
   cli_flags.define_flags()  # --config (with overrides), --workdir
   flags.mark_flag_as_required("config")
   flags.DEFINE_string("sweep", None, "configs/sweeps/<name>.py[:arg]", required=True)
+  flags.DEFINE_bool("evaluate", False, "also score each run at the frames' own size with "
+                    "`evaluate` (uncalibrated), and rank by that")
   flags.DEFINE_string("metric", "", "validation metric to rank by (default: the sweep "
                       "file's, else the one train keeps the best checkpoint by)")
   logging.getLogger().setLevel(logging.INFO)

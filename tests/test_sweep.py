@@ -58,6 +58,22 @@ def test_sweep_trains_each_run_tabulates_and_reads_back(data_dir, tmp_path, monk
                                overrides={"log_every_steps": 4})
   assert [s["final"] for s in by_loss] == [s["val_history"][-1]["loss"] for s in got]
   assert by_loss[0]["best"] == min(h["loss"] for h in got[0]["val_history"])
+  # --evaluate: each finished run scored once by `evaluate` at the frames' own size.
+  scored, _ = sweep.run_sweep(smoke_config(data_dir), spec, tmp_path, at_source_size=True,
+                              overrides={"log_every_steps": 4})
+  from nerveseg_jax import evaluate  # pylint: disable=g-import-not-at-top
+  for s in scored:
+    m = json.loads((tmp_path / s["name"] / "eval" / "metrics.json").read_text())["metrics"]
+    assert s["source_final"] == pytest.approx(m["dice_nerve_frames"])
+    assert 0.0 <= s["source_size"]["kaggle_score"] <= 1.0
+  table = (tmp_path / "sweep.md").read_text()
+  assert "at source size" in table and "`dice_nerve_frames`, uncalibrated" in table
+  monkeypatch.setattr(evaluate, "run", lambda *a, **k: pytest.fail("scored twice"))
+  again, _ = sweep.run_sweep(smoke_config(data_dir), spec, tmp_path, at_source_size=True,
+                             overrides={"log_every_steps": 4})
+  assert [s["source_final"] for s in again] == [s["source_final"] for s in scored]
+  assert [s["name"] for s in sweep.rank(again, "nerve_dice")] == [
+      s["name"] for s in sorted(scored, key=lambda s: -s["source_final"])]
   # A changed config for a run that has a workdir is an error naming the keys.
   changed = {**spec, "base": {**BASE, "weight_decay": 0.5}}
   with pytest.raises(sweep.SweepError, match=r"run 'base'.*another config.*weight_decay"):
@@ -144,6 +160,9 @@ def test_bad_keys_and_metrics_fail_before_anything_trains(tmp_path, monkeypatch)
     sweep.run_sweep(cfg, {"runs": [{"name": "a"}, {"name": "b", "batch_size": 3}]}, tmp_path)
   with pytest.raises(sweep.SweepError, match=r"unknown metric 'nerve_dic'.*nerve_dice"):
     sweep.run_sweep(cfg, {"runs": [{"name": "a"}]}, tmp_path, metric="nerve_dic")
+  with pytest.raises(sweep.SweepError, match=r"--evaluate scores.*not 'loss'"):
+    sweep.run_sweep(cfg, {"runs": [{"name": "a"}]}, tmp_path, metric="loss",
+                    at_source_size=True)
   assert not any(tmp_path.iterdir())
 
 
