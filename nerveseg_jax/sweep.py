@@ -304,6 +304,10 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any], workdir,
   if metric not in _metric_names(classifier):
     raise SweepError(f"{title}: unknown metric {metric!r}; one of "
                      f"{', '.join(sorted(_metric_names(classifier)))}")
+  import jax  # pylint: disable=g-import-not-at-top
+  if at_source_size and jax.process_count() > 1:
+    raise SweepError(f"{title}: --evaluate scores on one host; sweep without it, then "
+                     "run the same command with --evaluate in one process")
   if at_source_size and (classifier or metric not in SOURCE_METRIC):
     raise SweepError(f"{title}: --evaluate scores segmentation runs by one of "
                      f"{', '.join(SOURCE_METRIC)}, not {metric!r}")
