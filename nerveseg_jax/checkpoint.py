@@ -47,6 +47,13 @@ def as_path(path: str | os.PathLike) -> epath.Path:
   return epath.Path(pathlib.Path(text).expanduser().absolute())
 
 
+def write_text_atomic(path, text: str) -> None:
+  """Writes PATH whole or not at all: a kill mid-write leaves the previous file."""
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
 def _metric_or_neg_inf(metrics: Mapping[str, Any], key: str) -> float:
   value = metrics.get(key) if metrics else None
   if value is None or not math.isfinite(float(value)):

@@ -64,10 +64,8 @@ def _is_writer() -> bool:
 
 
 def _write_json(path, obj: Any) -> None:
-  """Whole or not at all: a kill mid-write leaves the previous file, never half of one."""
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2) + "\n")
-  tmp.replace(path)
+  from nerveseg_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  ckpt_lib.write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def load_sweep(path: str | os.PathLike, arg: str = "") -> dict[str, Any]:

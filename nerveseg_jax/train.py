@@ -121,9 +121,7 @@ def append_val_history(workdir, step: int, values: Mapping[str, float]) -> None:
   old = path.read_text() if path.exists() else ""
   row = {"step": int(step), **{k: (float(v) if np.isfinite(v) else None)
                                for k, v in values.items()}}
-  tmp = workdir / (VAL_HISTORY_FILE + ".tmp")
-  tmp.write_text(old + json.dumps(row) + "\n")
-  tmp.replace(path)
+  ckpt_lib.write_text_atomic(path, old + json.dumps(row) + "\n")
 
 
 def read_val_history(workdir) -> list[dict[str, Any]]:
