@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nerveseg_jax.models.layers import BatchNorm
+from nerveseg_jax.models.tracing import linear_init
 
 MIN_SIZE = 75  # smallest input for which every 'valid' reduction keeps >= 1 pixel
 
@@ -175,6 +176,7 @@ class InceptionResNetV2(nnx.Module):
   Dense layer. Logits and features are float32 whatever the compute dtype.
   """
 
+  @linear_init  # the whole network's construction stays linear when traced
   def __init__(self, *, in_channels: int = 3, num_classes: int = 1, include_top: bool = True,
                dropout: float = 0.0, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs):

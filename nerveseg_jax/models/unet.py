@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nerveseg_jax.models.layers import BatchNorm
+from nerveseg_jax.models.tracing import linear_init
 
 BLOCKS = ("double_conv", "residual")
 NORMS = ("batch", "group", "none")
@@ -186,6 +187,7 @@ class UNet(nnx.Module):
   whatever the compute dtype, so that losses stay stable in bfloat16.
   """
 
+  @linear_init  # the whole network's construction stays linear when traced
   def __init__(self, *, in_channels: int = 1, features: int = 32, depth: int = 4,
                block: str = "double_conv", norm: str = "batch", dropout: float = 0.0,
                upsample: str = "transpose", deep_supervision: bool = False,

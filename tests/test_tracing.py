@@ -1,0 +1,65 @@
+"""models.tracing: traced model construction no longer walks the trace per rng draw."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+from jax._src.interpreters import partial_eval as pe
+
+from nerveseg_jax import models
+from nerveseg_jax.models import tracing
+
+
+@pytest.fixture
+def walks(monkeypatch):
+  """Counts JaxprStackFrame.find_progenitors calls (the per-probe O(trace) walk)."""
+  calls = []
+  original = pe.JaxprStackFrame.find_progenitors
+
+  def counted(self, tracer):
+    calls.append(1)
+    return original(self, tracer)
+
+  monkeypatch.setattr(pe.JaxprStackFrame, "find_progenitors", counted)
+  return calls
+
+
+def _probe_sharding():
+  """What flax's Variable.set_value does to every assigned value, under a trace."""
+  messages = []
+
+  def f(x):
+    y = x * 2
+    try:
+      y.sharding  # pylint: disable=pointless-statement
+    except AttributeError as e:
+      messages.append(str(e))
+    return y
+
+  jax.jit(f).trace(jnp.ones(3))
+  return messages[0]
+
+
+@pytest.mark.parametrize("name", ["unet", "inception_resnet_v2"])
+def test_traced_construction_does_no_origin_walks(name, walks):
+  model = nnx.eval_shape(lambda: models.build_model({"name": name}, rngs=nnx.Rngs(0)))
+  assert nnx.state(model, nnx.Param)  # it was built
+  assert not walks, f"{len(walks)} trace walks while building {name}"
+
+
+def test_the_workaround_is_scoped_reentrant_and_restored(walks):
+  outside = _probe_sharding()
+  n = len(walks)
+  assert n >= 1  # outside the block JAX's full message (and its walk) are untouched
+  with tracing.linear_tracing():
+    with tracing.linear_tracing():
+      inside = _probe_sharding()
+    inside_after_inner = _probe_sharding()
+  assert len(walks) == n  # no walks in either nesting level
+  assert "'sharding' attribute is not available" in inside  # still an AttributeError
+  assert inside == inside_after_inner
+  assert inside == outside  # the probe sees the very same error (Python's fallback text)
+  with pytest.raises(RuntimeError):
+    with tracing.linear_tracing():
+      raise RuntimeError("restored on errors too")
+  assert _probe_sharding() == outside and len(walks) == 2 * n  # walks again after
