@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nerveseg_jax.configs import unet
-from nerveseg_jax.data import pipeline, preprocess
+from nerveseg_jax.data import arrays as data_arrays, pipeline, preprocess
 
 SIZE = (32, 48)
 
@@ -62,7 +62,7 @@ def test_second_load_reads_the_cache(data_dir, monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError("decoded again despite the cache")
 
-  monkeypatch.setattr(pipeline, "_read_resized", fail)
+  monkeypatch.setattr(data_arrays, "_read_resized", fail)
   assert len(pipeline.load_arrays(_config(data_dir).data, "all")) == 32
 
 
@@ -195,7 +195,7 @@ def test_other_fold_is_computed_at_load_time_without_a_rebuild(data_dir, monkeyp
     raise AssertionError("the data were decoded or built again for another fold")
 
   # Neither TFDS nor the resized cache is touched again: only the selection changes.
-  monkeypatch.setattr(pipeline, "_read_resized", fail)
+  monkeypatch.setattr(data_arrays, "_read_resized", fail)
   monkeypatch.setattr(
       "nerveseg_jax.datasets.ultrasound_nerve.ultrasound_nerve_dataset_builder."
       "Builder._download_and_prepare", fail)
@@ -213,7 +213,7 @@ def test_each_process_reads_its_own_share_of_the_records(data_dir, monkeypatch):
   whole = pipeline.cached_split(builder, "train", SIZE)
   parts = []
   for index in range(3):  # as if this were process `index` of 3
-    monkeypatch.setattr(pipeline, "_process", lambda i=index: (i, 3))
+    monkeypatch.setattr(data_arrays, "_process", lambda i=index: (i, 3))
     parts.append(pipeline.cached_split(builder, "train", SIZE))
   ids = [p.id.tolist() for p in parts]
   assert all(ids) and not set(ids[0]) & set(ids[1]) and not set(ids[1]) & set(ids[2])
