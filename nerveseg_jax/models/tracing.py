@@ -8,7 +8,8 @@ and its message thrown away, but construction becomes quadratic in the number of
 (upstream: jax-ml/jax PR #40041). For Inception-ResNetV2 (~490 draws) that was ~35 s of
 a 4 min CPU training start (cProfile, docs/performance.md). While a model is being
 built, that message's "where did this tracer come from" part is left out; the rest of
-every error, and all behaviour, is unchanged.
+every error, and all behaviour, is unchanged. The switch is process-wide while it lasts,
+so a tracer error raised meanwhile on another thread also lacks that part.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from jax._src.interpreters import partial_eval as _pe
+try:  # private JAX module: if it moves, the workaround turns itself off, nothing breaks
+  from jax._src.interpreters import partial_eval as _pe
+except ImportError:  # pragma: no cover
+  _pe = None
 
 _F = TypeVar("_F", bound=Callable)
 _lock = threading.Lock()
@@ -31,7 +35,7 @@ _saved = None
 def linear_tracing() -> Iterator[None]:
   """Within this block, tracer attribute errors skip their origin walk (re-entrant)."""
   global _depth, _saved
-  cls = getattr(_pe, "DynamicJaxprTracer", None)
+  cls = getattr(_pe, "DynamicJaxprTracer", None) if _pe is not None else None
   if cls is None or not hasattr(cls, "_origin_msg"):  # a JAX without the walk
     yield
     return
