@@ -10,6 +10,7 @@ a 4 min CPU training start (cProfile, docs/performance.md). While a model is bei
 built, that message's "where did this tracer come from" part is left out; the rest of
 every error, and all behaviour, is unchanged. The switch is process-wide while it lasts,
 so a tracer error raised meanwhile on another thread also lacks that part.
+(layers.BatchNorm sidesteps the same probe when a traced step updates its statistics.)
 """
 
 from __future__ import annotations
