@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
-from jax._src.interpreters import partial_eval as pe
-
 from nerveseg_jax import models
 from nerveseg_jax.models import tracing
+
+# The private module the workaround patches; if JAX moves it, tracing.py turns itself off.
+pe = pytest.importorskip("jax._src.interpreters.partial_eval")
 
 
 @pytest.fixture
@@ -63,3 +64,14 @@ def test_the_workaround_is_scoped_reentrant_and_restored(walks):
     with tracing.linear_tracing():
       raise RuntimeError("restored on errors too")
   assert _probe_sharding() == outside and len(walks) == 2 * n  # walks again after
+
+
+def test_an_inherited_origin_msg_is_inherited_again_afterwards(monkeypatch):
+  cls = pe.DynamicJaxprTracer
+  # As in a JAX where the subclass does not define it (the base Tracer's is used).
+  monkeypatch.delattr(cls, "_origin_msg")
+  monkeypatch.setattr(pe.core.Tracer, "_origin_msg", lambda self: " base", raising=False)
+  with tracing.linear_tracing():
+    with tracing.linear_tracing():
+      assert "_origin_msg" in cls.__dict__
+  assert "_origin_msg" not in cls.__dict__
