@@ -21,19 +21,6 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
-# The longest files, run first: xdist's loadfile hands files out in collection order,
-# and one long file that starts last keeps its worker busy after the other has finished
-# (longest-first scheduling). Per-file seconds from --durations=0 on the 2-core
-# machine, 2026-12-03: 196, 184, 173, 99, 72; all files together 1137.
-LONGEST_FIRST = ("test_train_classifier.py", "test_predict.py", "test_train.py",
-                 "test_launch.py", "test_tfds_builder.py")
-
-
-def pytest_collection_modifyitems(config, items):
-  del config
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable otherwise
-
 
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
