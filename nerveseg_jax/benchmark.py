@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from nerveseg_jax import xla_flags
 
 # Dense bf16 peak per device, TFLOP/s (the table). Matched against
 # device_kind, most specific first ("TPU v5 lite" is v5e, plain "TPU v5" is v5p).
@@ -198,6 +199,7 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> None:
+  xla_flags.configure()  # before anything starts JAX
   from absl import flags  # pylint: disable=g-import-not-at-top
   del argv
   f = flags.FLAGS

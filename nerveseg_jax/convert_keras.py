@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from nerveseg_jax.models import keras_import
+from nerveseg_jax import xla_flags
 
 
 def convert(h5: str | pathlib.Path, out: str | pathlib.Path, *, in_channels: int = 3
@@ -48,6 +49,7 @@ def convert(h5: str | pathlib.Path, out: str | pathlib.Path, *, in_channels: int
 
 
 def main(argv: list[str] | None = None) -> int:
+  xla_flags.configure()  # before anything starts JAX
   p = argparse.ArgumentParser(
       prog="python -m nerveseg_jax.convert_keras",
       description="Convert Keras Inception-ResNet-v2 (no-top) weights to an Orbax "

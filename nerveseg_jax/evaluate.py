@@ -41,6 +41,7 @@ import numpy as np
 
 from nerveseg_jax import imageio, inference, postprocess, report, rle
 from nerveseg_jax.postprocess import Calibration
+from nerveseg_jax import xla_flags
 
 SPLITS = ("val", "train", "all", "test")
 # Labelled frames read per device round trip (a few batches): bounds host memory.
@@ -439,6 +440,7 @@ def _config_from_file(spec: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  xla_flags.configure()  # before anything starts JAX
   args = parse_args(argv)
   try:
     config = _config_from_file(args.config) if args.config else None

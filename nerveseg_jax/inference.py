@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nerveseg_jax import postprocess, rle
 from nerveseg_jax.postprocess import Calibration
+from nerveseg_jax import xla_flags
 
 NO_NERVE = postprocess.NO_NERVE
 NERVE_FOUND = postprocess.NERVE_FOUND
@@ -187,6 +188,7 @@ class Predictor:
                classifier_workdir: str | pathlib.Path | None = None, *, tta: bool = False,
                batch_size: int = 8, which: str = "best",
                calibration: Calibration | None = None):
+    xla_flags.configure()
     if isinstance(workdirs, (str, pathlib.Path)):
       workdirs = [workdirs]
     if not workdirs:

@@ -23,6 +23,7 @@ import sys
 from typing import Any, Sequence
 
 from nerveseg_jax import imageio, inference, report
+from nerveseg_jax import xla_flags
 
 # Files read and sent to the device per step: bounds host memory on huge folders.
 _CHUNK_BATCHES = 4
@@ -166,6 +167,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  xla_flags.configure()  # before anything starts JAX
   args = parse_args(argv)
   try:
     paths, _ = imageio.list_inputs(args.images)

@@ -19,6 +19,7 @@ import threading
 from typing import Sequence
 
 from nerveseg_jax import inference, webapp
+from nerveseg_jax import xla_flags
 
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -83,6 +84,7 @@ def _announce(server, worker: webapp.InferenceWorker, host: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  xla_flags.configure()  # before anything starts JAX
   args = parse_args(argv)
   try:
     _check_workdirs(args)

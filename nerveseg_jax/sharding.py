@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from nerveseg_jax import compat
+
 BATCH_AXES = ("data", "fsdp")
 _initialized = False
 
@@ -26,24 +28,6 @@ def _env_int(name: str) -> int:
     return int(value)
   except ValueError:
     raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def _auto_detected_multiprocess() -> bool:
-  """True when JAX recognises a cluster (SLURM, Open MPI, TPU pod, k8s) of >1 process."""
-  try:
-    from jax._src import clusters  # pylint: disable=g-import-not-at-top
-  except ImportError:  # pragma: no cover - private module moved
-    return False
-  for env in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
-    if env.opt_in_only_method:
-      continue
-    try:
-      if env.is_env_present() and (env.get_process_count() or 1) > 1:
-        return True
-    except Exception:  # pylint: disable=broad-except
-      # A half-configured environment (e.g. a TPU VM without metadata) is one process.
-      continue
-  return False
 
 
 def maybe_initialize_distributed() -> bool:
@@ -70,7 +54,7 @@ def maybe_initialize_distributed() -> bool:
       return False
     kwargs = dict(coordinator_address=os.environ["NERVESEG_COORDINATOR"],
                   num_processes=num, process_id=pid)
-  elif _auto_detected_multiprocess():
+  elif compat.auto_detected_process_count() > 1:
     kwargs = {}
   else:
     return False

@@ -40,6 +40,7 @@ from typing import Any
 import ml_collections
 
 from nerveseg_jax import cli_flags
+from nerveseg_jax import xla_flags
 
 RESULT_FILE = "sweep_result.json"
 # train's validation metrics are at the network's resolution; evaluate's, at the frames'
@@ -335,6 +336,7 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any], workdir,
 
 
 def main(argv: list[str]) -> None:
+  xla_flags.configure()  # before anything starts JAX
   from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")

@@ -30,6 +30,7 @@ from nerveseg_jax import metrics as metrics_lib
 from nerveseg_jax import sharding
 from nerveseg_jax import train_state
 from nerveseg_jax import train_step
+from nerveseg_jax import xla_flags
 
 _BATCH_KEYS = train_step.BATCH_KEYS
 
@@ -140,6 +141,7 @@ def read_val_history(workdir) -> list[dict[str, Any]]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
                        ) -> dict[str, Any]:
   """Trains (resuming from WORKDIR/checkpoints if any) and returns the final metrics."""
+  xla_flags.configure()
   from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed()
   workdir = ckpt_lib.as_path(workdir)
@@ -309,6 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 
 def main(argv: list[str]) -> None:
+  xla_flags.configure()  # before anything starts JAX
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
   from nerveseg_jax.data import tfds_source  # pylint: disable=g-import-not-at-top

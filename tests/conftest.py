@@ -11,6 +11,10 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 # TensorFlow is host-only here; keep it off any accelerator and quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# The package's XLA:CPU flags, as every face sets them before JAX starts.
+from nerveseg_jax import xla_flags as _xla_flags  # noqa: E402
+
+_xla_flags.configure()
 
 import contextlib
 import fcntl

@@ -1,14 +1,34 @@
-"""models.tracing: traced model construction no longer walks the trace per rng draw."""
+"""compat: the private JAX names it uses still exist, and what each one is for still works."""
+
+import importlib
 
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 from nerveseg_jax import models
-from nerveseg_jax.models import tracing
+from nerveseg_jax import compat
 
-# The private module the workaround patches; if JAX moves it, tracing.py turns itself off.
-pe = pytest.importorskip("jax._src.interpreters.partial_eval")
+from jax._src.interpreters import partial_eval as pe  # what compat.linear_tracing patches
+
+
+@pytest.mark.parametrize("module, attr", compat.PRIVATE_NAMES)
+def test_private_names_compat_relies_on_still_exist(module, attr):
+  # Fails loudly on the JAX upgrade that moves one: compat.py then needs a look (its
+  # run-time fallbacks keep training working, but silently slower or single-process).
+  obj = importlib.import_module(module)
+  for part in attr.split("."):
+    assert hasattr(obj, part), f"JAX {jax.__version__} no longer has {module}.{attr}"
+    obj = getattr(obj, part)
+
+
+def test_backends_started_is_true_once_a_device_is_used():
+  jax.devices()
+  assert compat.backends_started()
+
+
+def test_no_cluster_around_a_plain_test_process():
+  assert compat.auto_detected_process_count() == 1
 
 
 @pytest.fixture
@@ -52,8 +72,8 @@ def test_the_workaround_is_scoped_reentrant_and_restored(walks):
   outside = _probe_sharding()
   n = len(walks)
   assert n >= 1  # outside the block JAX's full message (and its walk) are untouched
-  with tracing.linear_tracing():
-    with tracing.linear_tracing():
+  with compat.linear_tracing():
+    with compat.linear_tracing():
       inside = _probe_sharding()
     inside_after_inner = _probe_sharding()
   assert len(walks) == n  # no walks in either nesting level
@@ -61,7 +81,7 @@ def test_the_workaround_is_scoped_reentrant_and_restored(walks):
   assert inside == inside_after_inner
   assert inside == outside  # the probe sees the very same error (Python's fallback text)
   with pytest.raises(RuntimeError):
-    with tracing.linear_tracing():
+    with compat.linear_tracing():
       raise RuntimeError("restored on errors too")
   assert _probe_sharding() == outside and len(walks) == 2 * n  # walks again after
 
@@ -71,7 +91,7 @@ def test_an_inherited_origin_msg_is_inherited_again_afterwards(monkeypatch):
   # As in a JAX where the subclass does not define it (the base Tracer's is used).
   monkeypatch.delattr(cls, "_origin_msg")
   monkeypatch.setattr(pe.core.Tracer, "_origin_msg", lambda self: " base", raising=False)
-  with tracing.linear_tracing():
-    with tracing.linear_tracing():
+  with compat.linear_tracing():
+    with compat.linear_tracing():
       assert "_origin_msg" in cls.__dict__
   assert "_origin_msg" not in cls.__dict__
