@@ -75,7 +75,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.eval_every_steps = 10
         c.checkpoint_every_steps = 10
       elif variant == "torch_reference":
-        # The architecture and step of ../shared/bench/torch_unet_reference.py, for the
+        # The architecture and step of the PyTorch reference U-Net, for the
         # side-by-side benchmark (docs/performance.md): plain U-Net 32..512, BCE only,
         # Adam (AdamW without decay), no clipping, no augmentation, 16 x 128x128, fp32.
         c.data.source = "synthetic"

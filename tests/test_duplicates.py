@@ -1,22 +1,12 @@
 """Contradictory near-duplicates (nerveseg_jax.data.duplicates) on planted pairs."""
 
 import csv
-import dataclasses
 
 import numpy as np
 from PIL import Image
 import pytest
 
-from nerveseg_jax.data import duplicates, preprocess, synthetic
-
-
-@dataclasses.dataclass
-class _Arrays:
-  image: np.ndarray
-  mask: np.ndarray
-  has_nerve: np.ndarray
-  subject: np.ndarray
-  id: np.ndarray
+from nerveseg_jax.data import arrays, duplicates, preprocess, synthetic
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +25,8 @@ def frames(tmp_path_factory):
   msk = np.asarray(preprocess.resize(msk, (64, 96), is_mask=True), np.uint8)
   subj = np.array([int(i.split("_")[0]) for i in ids], np.int32)
   assert planted, "the generator always plants a pair in subject 1"
-  return _Arrays(img, msk, msk.reshape(len(msk), -1).any(1), subj, np.array(ids)), planted
+  return arrays.Arrays(image=img, mask=msk, has_nerve=msk.reshape(len(msk), -1).any(1),
+                       labeled=np.ones(len(ids), bool), id=np.array(ids), subject=subj), planted
 
 
 def test_planted_pairs_found_and_nothing_else(frames):
@@ -66,12 +57,12 @@ def test_consistent_or_cross_subject_copies_are_not_flagged(frames):
 def test_apply_modes(frames):
   a, planted = frames
   pairs = duplicates.find_contradictory_pairs(a.image, a.mask, a.subject)
-  assert duplicates.apply(a, "keep") is a
-  dropped = duplicates.apply(a, "drop", pairs=pairs)
+  assert arrays.apply_duplicates(a, "keep", None) is a
+  dropped = arrays.apply_duplicates(a, "drop", None)
   assert len(dropped.image) == len(a.image) - len(planted)
   assert not set(dropped.id) & {e for e, _ in planted}
   assert {n for _, n in planted} <= set(dropped.id)
-  prop = duplicates.apply(a, "propagate", pairs=pairs)
+  prop = arrays.apply_duplicates(a, "propagate", None)
   for e, n in planted:
     ie, i_n = int(np.flatnonzero(a.id == e)[0]), int(np.flatnonzero(a.id == n)[0])
     np.testing.assert_array_equal(prop.mask[ie], a.mask[i_n])

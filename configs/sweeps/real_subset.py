@@ -4,7 +4,7 @@ Command (2-core CPU: about 90 minutes for all runs; the table is rewritten after
 each run, and re-running the command skips finished runs):
   python -m nerveseg_jax.sweep --config configs/unet.py:folder \
       --sweep configs/sweeps/real_subset.py \
-      --config.data.manual_dir=../shared/data/nerve_real_subset --evaluate
+      --config.data.manual_dir=PATH/nerve_real_subset --evaluate
   -> runs/sweep_real_subset/sweep.md: validation Dice on nerve frames (fold 0 of 5, by
      subject) of each run at steps 100..500, and at the frames' own size, ranked.
      Measured 2026-12-03: base 0.660 (0.698 with seed 1), lr 3e-3 0.676, 64x64 0.655,
@@ -34,8 +34,8 @@ def get_sweep(arg: str = "") -> dict:
       "keep_checkpoints": 1,
   }
   # Ordered by what a run costs and what it decides. Resolution 128x128 was measured
-  # with the same base earlier (README). A width_32 run ({"model.features": 32}, about
-  # four base runs on the 2-core CPU) did not fit the session that ran this sweep.
+  # with the same base earlier (README). A width_32 run ({"model.features": 32}) costs
+  # about four base runs on a 2-core CPU and is left out.
   runs = [
       {"name": "base"},
       {"name": "seed1", "seed": 1},

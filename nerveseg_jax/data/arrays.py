@@ -231,7 +231,8 @@ def _contradictory_rows(arrays: Arrays, cache_dir: pathlib.Path
   return pairs[own, 0] - lo, donor[own]
 
 
-def _apply_duplicates(arrays: Arrays, mode: str, cache_dir: pathlib.Path) -> Arrays:
+def apply_duplicates(arrays: Arrays, mode: str, cache_dir: pathlib.Path | None) -> Arrays:
+  """data.duplicates on `arrays`: keep, drop the empty twins, or propagate masks to them."""
   if mode == "keep" or not len(arrays):
     return arrays
   rows, masks = _contradictory_rows(arrays, cache_dir)
@@ -264,7 +265,7 @@ def load_arrays(data_cfg: ml_collections.ConfigDict, split: str) -> Arrays:
   if split == "test":
     return arrays
   arrays = arrays.take(np.flatnonzero(arrays.labeled))
-  arrays = _apply_duplicates(arrays, mode, _cache_root(builder))
+  arrays = apply_duplicates(arrays, mode, _cache_root(builder))
   if split == "all":
     return arrays
   every = np.unique(np.concatenate(_allgather_rows(np.unique(arrays.subject))))

@@ -19,12 +19,10 @@ detector's parameters, so they are computed once per data set and image size.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import pathlib
 import tempfile
-from typing import Any
 
 import numpy as np
 
@@ -128,38 +126,3 @@ def find_contradictory_pairs(images: np.ndarray, masks: np.ndarray, subjects: np
       pathlib.Path(tmp).unlink(missing_ok=True)
       raise
   return pairs
-
-
-def _take(arrays: Any, rows: np.ndarray) -> Any:
-  """The dataclass `arrays` restricted to `rows` (every field indexed alike)."""
-  return dataclasses.replace(arrays, **{
-      f.name: np.asarray(getattr(arrays, f.name))[rows]
-      for f in dataclasses.fields(arrays)})
-
-
-def apply(arrays: Any, mode: str, *, pairs: np.ndarray | None = None,
-          cache_dir: str | os.PathLike | None = None,
-          threshold: float = DEFAULT_THRESHOLD) -> Any:
-  """Applies data.duplicates to an Arrays-like dataclass (image, mask, has_nerve, ...).
-
-  pairs defaults to find_contradictory_pairs on arrays' own rows. Returns a new
-  dataclass; the input is not modified.
-  """
-  check_mode(mode)
-  if mode == "keep":
-    return arrays
-  if pairs is None:
-    pairs = find_contradictory_pairs(arrays.image, arrays.mask, arrays.subject,
-                                     threshold=threshold, cache_dir=cache_dir)
-  pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
-  if not pairs.size:
-    return arrays
-  if mode == "drop":
-    keep = np.ones(len(arrays.image), bool)
-    keep[pairs[:, 0]] = False
-    return _take(arrays, np.flatnonzero(keep))
-  mask = np.array(arrays.mask, copy=True)
-  has_nerve = np.array(arrays.has_nerve, copy=True)
-  mask[pairs[:, 0]] = mask[pairs[:, 1]]
-  has_nerve[pairs[:, 0]] = True
-  return dataclasses.replace(arrays, mask=mask, has_nerve=has_nerve)

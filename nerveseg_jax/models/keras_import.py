@@ -133,15 +133,6 @@ def _auto_layers(path, weights, prefix: str, count: int) -> list[str]:
   return names
 
 
-def load_keras_weights(model: InceptionResNetV2, path: str | pathlib.Path) -> nnx.State:
-  """Copies the Keras weights of `path` into `model` (in place) and returns its state.
-
-  Raises KerasImportError naming the first layer that is missing or does not fit.
-  """
-  path = pathlib.Path(path).expanduser()
-  return _load(model, path, read_weights(path))
-
-
 def _load(model: InceptionResNetV2, path: pathlib.Path,
           weights: dict[str, list[np.ndarray]]) -> nnx.State:
   order = model.keras_order()

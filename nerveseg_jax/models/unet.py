@@ -5,7 +5,7 @@ max-pools lead to the bottleneck (level `depth`). The decoder upsamples (2x2
 transposed conv, or bilinear resize + 3x3 conv), concatenates the skip and applies
 the same block. With norm='none', block='double_conv', upsample='transpose',
 presence_head=False this is exactly the classic U-Net of
-shared/bench/torch_unet_reference.py (features=32, depth=4 there).
+the PyTorch reference U-Net of docs/bench/compare_torch.py (features=32, depth=4 there).
 
 The presence head pools the bottleneck globally and maps it through a small MLP to one
 logit (is there a nerve in this frame?): segmenting and detecting jointly was the design
