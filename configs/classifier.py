@@ -20,48 +20,24 @@ import ml_collections
 from nerveseg_jax.configs import common
 
 
+def _synthetic(c: ml_collections.ConfigDict) -> None:
+  common.synthetic_demo(c, image_size=(75, 75), steps=200)  # the smallest input IRv2 takes
+
+
+def _smoke(c: ml_collections.ConfigDict) -> None:
+  common.smoke(c, image_size=(75, 75), steps=4, warmup=1, log_every=2, every=4)
+
+
+VARIANTS = {"synthetic": _synthetic, "smoke": _smoke, "folder": common.folder}
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = common.base_config()
   c.name = "classifier"
-  c.model = ml_collections.ConfigDict(dict(
-      name="inception_resnet_v2",
-      num_classes=1,
-      in_channels=1,
-      dropout=0.2,
-  ))
+  c.model = common.model_config("inception_resnet_v2", omit=("include_top",), dropout=0.2)
   c.data.image_size = (299, 299)
   c.batch_size = 32
   c.learning_rate = 3e-4   # fine-tuning an ImageNet backbone wants a gentler step
   c.num_train_steps = 3000
   c.data.augment.speckle = 0.05
-  if arg:
-    for variant in arg.split(","):
-      if variant == "synthetic":
-        c.data.source = "synthetic"
-        c.data.image_size = (75, 75)
-        c.batch_size = 16
-        c.eval_batch_size = 32
-        c.num_train_steps = 200
-        c.warmup_steps = 20
-        c.log_every_steps = 20
-        c.eval_every_steps = 100
-        c.checkpoint_every_steps = 100
-      elif variant == "smoke":
-        c.data.source = "synthetic"
-        c.data.synthetic_subjects = 4
-        c.data.synthetic_frames = 12
-        c.data.num_folds = 4
-        c.data.image_size = (75, 75)
-        c.batch_size = 8
-        c.eval_batch_size = 8
-        c.num_train_steps = 4
-        c.warmup_steps = 1
-        c.log_every_steps = 2
-        c.eval_every_steps = 4
-        c.checkpoint_every_steps = 4
-      elif variant == "folder":
-        c.data.source = "folder"
-      else:
-        raise ValueError(f"configs/classifier.py: unknown variant {variant!r}; "
-                         "known: synthetic, smoke, folder")
-  return c
+  return common.apply_variants(c, arg, VARIANTS, "configs/classifier.py")

@@ -6,6 +6,8 @@ data.num_folds, data.fold, batch_size, num_train_steps, learning_rate, seed, mod
 mesh.*, checkpoint_every_steps, eval_every_steps, init_from.
 """
 
+from collections.abc import Callable, Mapping
+
 import ml_collections
 
 
@@ -56,4 +58,55 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3       # latest N, plus the best by validation score
   c.init_from = ""             # an Orbax checkpoint dir to start the weights from
+  return c
+
+
+def model_config(name: str, *, omit: tuple[str, ...] = (), **overrides
+                 ) -> ml_collections.ConfigDict:
+  """model.* for `name`: the defaults and allowed values live in nerveseg_jax.models."""
+  from nerveseg_jax import models  # pylint: disable=g-import-not-at-top
+  defaults = models.MODEL_KEYS[name]
+  unknown = sorted(set(overrides) - set(defaults))
+  if unknown:
+    raise ValueError(f"model.name={name!r} has no key(s) {unknown}; known: {sorted(defaults)}")
+  keys = {k: v for k, v in defaults.items() if k not in omit}
+  return ml_collections.ConfigDict({"name": name, **keys, **overrides})
+
+
+def synthetic_demo(c: ml_collections.ConfigDict, *, image_size: tuple[int, int],
+                   steps: int) -> None:
+  """The embedded demo set, sized to finish in a few minutes on a 2-core CPU."""
+  c.data.source = "synthetic"
+  c.data.image_size = image_size
+  c.batch_size, c.eval_batch_size = 16, 32
+  c.num_train_steps, c.warmup_steps = steps, 20
+  c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 20, 100, 100
+
+
+def smoke(c: ml_collections.ConfigDict, *, image_size: tuple[int, int], steps: int,
+          warmup: int, log_every: int, every: int) -> None:
+  """A tiny synthetic set (4 subjects, one held out) for tests; scores mean nothing."""
+  c.data.source = "synthetic"
+  c.data.synthetic_subjects, c.data.synthetic_frames = 4, 12
+  c.data.num_folds = 4
+  c.data.image_size = image_size
+  c.batch_size, c.eval_batch_size = 8, 8
+  c.num_train_steps, c.warmup_steps = steps, warmup
+  c.log_every_steps = log_every
+  c.eval_every_steps = c.checkpoint_every_steps = every
+
+
+def folder(c: ml_collections.ConfigDict) -> None:
+  """A user's own images/ + masks/ folder (set data.manual_dir)."""
+  c.data.source = "folder"
+
+
+def apply_variants(c: ml_collections.ConfigDict, arg: str,
+                   variants: Mapping[str, Callable[[ml_collections.ConfigDict], None]],
+                   where: str) -> ml_collections.ConfigDict:
+  """Applies the comma-separated variants of `arg` in order (`file.py:a,b`)."""
+  for variant in filter(None, (v.strip() for v in arg.split(","))):
+    if variant not in variants:
+      raise ValueError(f"{where}: unknown variant {variant!r}; known: {', '.join(variants)}")
+    variants[variant](c)
   return c

@@ -27,70 +27,42 @@ import ml_collections
 from nerveseg_jax.configs import common
 
 
+def _synthetic(c: ml_collections.ConfigDict) -> None:
+  common.synthetic_demo(c, image_size=(64, 96), steps=300)
+  c.model.update(features=8, depth=3)
+  c.learning_rate = 3e-3
+
+
+def _smoke(c: ml_collections.ConfigDict) -> None:
+  common.smoke(c, image_size=(64, 96), steps=20, warmup=2, log_every=5, every=10)
+  c.model.update(features=4, depth=2)
+  c.learning_rate = 3e-3  # a visible drop of the loss within a few steps
+
+
+def _torch_reference(c: ml_collections.ConfigDict) -> None:
+  # The architecture and step of the PyTorch reference U-Net, for the side-by-side
+  # benchmark (docs/performance.md): plain U-Net 32..512, BCE only, Adam (AdamW
+  # without decay), no clipping, no augmentation, 16 x 128x128, fp32.
+  c.data.source = "synthetic"
+  c.data.image_size = (128, 128)
+  c.model.update(features=32, depth=4, block="double_conv", norm="none",
+                 upsample="transpose", presence_head=False, deep_supervision=False)
+  c.loss.update(bce=1.0, dice=0.0, presence=0.0, deep=0.0)
+  c.data.augment.enabled = False
+  c.batch_size = 16
+  c.weight_decay = 0.0
+  c.grad_clip_norm = 0.0
+  c.warmup_steps = 0
+
+
+VARIANTS = {"synthetic": _synthetic, "smoke": _smoke, "folder": common.folder,
+            "torch_reference": _torch_reference}
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = common.base_config()
   c.name = "unet"
-  c.model = ml_collections.ConfigDict(dict(
-      name="unet",
-      features=32,
-      depth=4,
-      block="double_conv",     # double_conv | residual
-      norm="batch",            # batch | group | none
-      dropout=0.0,
-      upsample="transpose",    # transpose | resize
-      deep_supervision=False,
-      presence_head=True,
-  ))
+  # Allowed values and defaults: nerveseg_jax.models.MODEL_KEYS (block, norm, upsample...).
+  c.model = common.model_config("unet", omit=("in_channels",))
   c.loss = ml_collections.ConfigDict(dict(bce=1.0, dice=1.0, presence=0.5, deep=0.0))
-  if arg:
-    for variant in arg.split(","):
-      if variant == "synthetic":
-        c.data.source = "synthetic"
-        # Sized to finish in a few minutes on a 2-core CPU (see the docstring).
-        c.data.image_size = (64, 96)
-        c.model.features = 8
-        c.model.depth = 3
-        c.batch_size = 16
-        c.eval_batch_size = 32
-        c.num_train_steps = 300
-        c.warmup_steps = 20
-        c.learning_rate = 3e-3
-        c.log_every_steps = 20
-        c.eval_every_steps = 100
-        c.checkpoint_every_steps = 100
-      elif variant == "smoke":
-        c.data.source = "synthetic"
-        c.data.synthetic_subjects = 4
-        c.data.synthetic_frames = 12
-        c.data.num_folds = 4      # one held-out subject of the four
-        c.data.image_size = (64, 96)
-        c.model.features = 4
-        c.model.depth = 2
-        c.batch_size = 8
-        c.eval_batch_size = 8
-        c.num_train_steps = 20
-        c.learning_rate = 3e-3   # a visible drop of the loss within a few steps
-        c.warmup_steps = 2
-        c.log_every_steps = 5
-        c.eval_every_steps = 10
-        c.checkpoint_every_steps = 10
-      elif variant == "torch_reference":
-        # The architecture and step of the PyTorch reference U-Net, for the
-        # side-by-side benchmark (docs/performance.md): plain U-Net 32..512, BCE only,
-        # Adam (AdamW without decay), no clipping, no augmentation, 16 x 128x128, fp32.
-        c.data.source = "synthetic"
-        c.data.image_size = (128, 128)
-        c.model.update(features=32, depth=4, block="double_conv", norm="none",
-                       upsample="transpose", presence_head=False, deep_supervision=False)
-        c.loss.update(bce=1.0, dice=0.0, presence=0.0, deep=0.0)
-        c.data.augment.enabled = False
-        c.batch_size = 16
-        c.weight_decay = 0.0
-        c.grad_clip_norm = 0.0
-        c.warmup_steps = 0
-      elif variant == "folder":
-        c.data.source = "folder"
-      else:
-        raise ValueError(f"configs/unet.py: unknown variant {variant!r}; "
-                         "known: synthetic, smoke, folder, torch_reference")
-  return c
+  return common.apply_variants(c, arg, VARIANTS, "configs/unet.py")

@@ -60,3 +60,22 @@ def test_cli_bad_keys_give_one_clear_line(tmp_path):
   assert r.returncode != 0 and "unknown variant 'smok'" in r.stderr
   assert "Traceback" not in r.stderr
   assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_model_defaults_come_from_the_models_package():
+  from nerveseg_jax import models
+  from nerveseg_jax.configs import classifier, common, unet
+  c = unet.get_config()
+  for key, default in models.MODEL_KEYS["unet"].items():
+    if key != "in_channels":
+      assert c.model[key] == default, key
+  assert classifier.get_config().model.dropout == 0.2  # an override of the default
+  with pytest.raises(ValueError, match="has no key"):
+    common.model_config("unet", featurez=8)
+
+
+def test_variants_compose_in_order():
+  from nerveseg_jax.configs import unet
+  c = unet.get_config("smoke,folder")
+  assert c.data.source == "folder" and c.model.features == 4
+  assert unet.get_config("folder,smoke").data.source == "synthetic"
