@@ -5,14 +5,19 @@ Configs:
           saves (nested zips allowed) or its extracted tree. Splits train, test.
   folder  a user's own images/ and masks/ folders in manual_dir. Split train.
 
-Frames are stored at source resolution, PNG-encoded (lossless).
+Frames are stored at source resolution, PNG-encoded (lossless). Each build records
+source_fingerprint() of what it read in info.metadata, so a user of the data can tell
+whether the source has changed since (nerveseg_jax.data.tfds_source rebuilds then).
 """
 
 from __future__ import annotations
 
 import collections
 import csv
+import hashlib
 import io
+import json
+import os
 import pathlib
 import re
 import zipfile
@@ -34,6 +39,15 @@ _TRAIN_MASK = re.compile(r"^(\d+)_(\d+)_mask\.tif$")
 _TEST_IMAGE = re.compile(r"^(\d+)\.tif$")
 _FOLDER_STEM = re.compile(r"^(\d+)_(\d+)$")
 _MAX_DEPTH = 3  # how deep to look for the tree below manual_dir
+# Archive limits. A Kaggle download nests one level (train.zip in the download); one
+# more allows a re-zipped download. A member read whole must fit in memory (Kaggle's
+# largest, train_masks.csv, is ~0.3 MB); a nested zip is streamed, but finding its
+# directory inflates it once, so it is capped too (Kaggle's train.zip is ~1 GB).
+# zipfile never inflates past a member's declared size (it then fails the CRC), so
+# checking the declared size bounds what is actually decompressed.
+_MAX_ZIP_NESTING = 3
+_MAX_FILE_BYTES = 1 << 30
+_MAX_NESTED_ZIP_BYTES = 32 << 30
 
 
 class BadInputError(ValueError):
@@ -53,7 +67,13 @@ def _check_member(zip_name: str, name: str) -> None:
                         "'..'); this is not a Kaggle download")
 
 
-def _walk_zip(zf: zipfile.ZipFile, display: str) -> Iterator[_File]:
+def _check_size(name: str, info: zipfile.ZipInfo, cap: int) -> None:
+  if info.file_size > cap:
+    raise BadInputError(f"{name}: zip member inflates to {info.file_size} bytes, over the "
+                        f"{cap}-byte limit (a zip bomb or not a Kaggle download)")
+
+
+def _walk_zip(zf: zipfile.ZipFile, display: str, depth: int = 1) -> Iterator[_File]:
   infos = zf.infolist()
   for info in infos:
     _check_member(display, info.filename)
@@ -65,9 +85,14 @@ def _walk_zip(zf: zipfile.ZipFile, display: str) -> Iterator[_File]:
       continue
     name = f"{display}!{info.filename}"
     if rel.name.lower().endswith(".zip"):
+      if depth >= _MAX_ZIP_NESTING:
+        raise BadInputError(f"{name}: zips nested more than {_MAX_ZIP_NESTING} deep; a "
+                            "Kaggle download has one zip inside another")
+      _check_size(name, info, _MAX_NESTED_ZIP_BYTES)
       with zf.open(info) as f, zipfile.ZipFile(f) as inner:
-        yield from _walk_zip(inner, name)
+        yield from _walk_zip(inner, name, depth + 1)
     else:
+      _check_size(name, info, _MAX_FILE_BYTES)
       yield name, rel, (lambda zf=zf, info=info: zf.read(info))
 
 
@@ -98,8 +123,8 @@ def _plain_files(root: epath.Path, depth: int = 0) -> list[epath.Path]:
   return out
 
 
-def _walk_kaggle(manual_dir: epath.Path) -> Iterator[_File]:
-  """Files of the Kaggle download in manual_dir, through any nested zips."""
+def _kaggle_inputs(manual_dir: epath.Path) -> tuple[epath.Path | None, list[epath.Path]]:
+  """(the download zip, None) or (None, the files of an extracted tree) in manual_dir."""
   files = _plain_files(manual_dir)
   extracted = any(f.name == "train_masks.csv" for f in files)
   other_zips = [f for f in files if f.suffix.lower() == ".zip"
@@ -111,14 +136,82 @@ def _walk_kaggle(manual_dir: epath.Path) -> Iterator[_File]:
       raise BadInputError(
           f"{manual_dir} holds several zips ({', '.join(f.name for f in other_zips)}) "
           f"and no {KAGGLE_ZIP}; point data.manual_dir at the Kaggle zip itself")
-    yield from _walk_zip_path((named or other_zips)[0])
+    return (named or other_zips)[0], []
+  return None, [f for f in files
+                if _NESTED_ZIP.match(f.name) or f.suffix.lower() != ".zip"]
+
+
+def _walk_kaggle(manual_dir: epath.Path) -> Iterator[_File]:
+  """Files of the Kaggle download in manual_dir, through any nested zips."""
+  download, files = _kaggle_inputs(manual_dir)
+  if download is not None:
+    yield from _walk_zip_path(download)
     return
   for f in files:
     rel = pathlib.PurePosixPath(f.relative_to(manual_dir).as_posix())
     if _NESTED_ZIP.match(f.name):
       yield from _walk_zip_path(f)
-    elif f.suffix.lower() != ".zip":
+    else:
       yield str(f), rel, (lambda f=f: f.read_bytes())
+
+
+# ------------------------------------------------------------------ source fingerprint
+
+_DIGESTS: dict[tuple, str] = {}  # (real path, size, mtime_ns, inode) -> sha256, per process
+
+
+def file_sha256(path: epath.Path | str) -> str:
+  """SHA-256 of a file's bytes, remembered for this process while it is unchanged."""
+  st = os.stat(path)
+  key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+  if key not in _DIGESTS:
+    with open(path, "rb") as f:
+      _DIGESTS[key] = hashlib.file_digest(f, "sha256").hexdigest()
+  return _DIGESTS[key]
+
+
+def _source_files(config: str, manual_dir: epath.Path) -> list[epath.Path]:
+  """The files a build of manual_dir reads (zips whole), in a fixed order."""
+  if config == "folder":
+    return [f for d in ("images", "masks") if (manual_dir / d).is_dir()
+            for f in sorted((manual_dir / d).iterdir())
+            if not f.name.startswith(".") and f.is_file()]
+  download, files = _kaggle_inputs(manual_dir)
+  if download is not None:
+    return [download]
+  used = []
+  for f in files:
+    rel = pathlib.PurePosixPath(f.relative_to(manual_dir).as_posix())
+    if _NESTED_ZIP.match(f.name) or _classify(rel) is not None:
+      used.append(f)
+  return used
+
+
+def source_fingerprint(config: str, manual_dir, zip_sha256: Callable[[epath.Path], str]
+                       = file_sha256) -> str:
+  """A digest of what a build of manual_dir reads: each file's path below manual_dir,
+  size, and modification time (stat only, so cheap for the 11k files of the extracted
+  Kaggle tree); a zip by its size and content hash instead, so a download fetched
+  again, or fetched on another host, is the same source. Any file added, removed or
+  edited changes it."""
+  manual_dir = epath.Path(manual_dir)
+  rows = []
+  for f in _source_files(config, manual_dir):
+    st = os.stat(f)  # follows links: a staged link to a zip stands for the zip
+    rel = f.relative_to(manual_dir).as_posix()
+    if f.suffix.lower() == ".zip":
+      rows.append([rel, st.st_size, "sha256:" + zip_sha256(f)])
+    else:
+      rows.append([rel, st.st_size, st.st_mtime_ns])
+  return hashlib.sha256(json.dumps([config, rows]).encode()).hexdigest()
+
+
+def recorded_fingerprint(builder: tfds.core.DatasetBuilder) -> str:
+  """The source fingerprint a prepared build recorded ('' if built without one)."""
+  try:
+    return str(builder.info.metadata["source_fingerprint"])
+  except (KeyError, TypeError):
+    return ""
 
 
 def _classify(rel: pathlib.PurePosixPath) -> tuple[str, str] | None:
@@ -207,12 +300,17 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             "labeled": tfds.features.Scalar(np.bool_),
         }),
         homepage="https://www.kaggle.com/c/ultrasound-nerve-segmentation",
+        metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = epath.Path(self._manual_dir(dl_manager))
+    config = self.builder_config.name
+    # Taken before anything is read: a file edited during the build then leaves a
+    # fingerprint that no longer matches, and the next use rebuilds.
+    self.info.metadata["source_fingerprint"] = source_fingerprint(config, manual_dir)
     # Everything is listed and cross-checked here, before a single example is written.
-    if self.builder_config.name == "folder":
+    if config == "folder":
       return {"train": self._generate_examples("folder", manual_dir,
                                                _list_folder(manual_dir))}
     listing = _list_kaggle(manual_dir)
