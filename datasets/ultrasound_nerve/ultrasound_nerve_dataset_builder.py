@@ -21,6 +21,7 @@ import os
 import pathlib
 import re
 import zipfile
+import zlib
 from typing import Callable, Iterator
 
 from etils import epath
@@ -73,6 +74,17 @@ def _check_size(name: str, info: zipfile.ZipInfo, cap: int) -> None:
                         f"{cap}-byte limit (a zip bomb or not a Kaggle download)")
 
 
+def _member_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str
+                   ) -> Callable[[], bytes]:
+  # Called by the walk's consumer, outside _walk_zip_path's error handling.
+  def read() -> bytes:
+    try:
+      return zf.read(info)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+      raise BadInputError(f"{name}: corrupt zip member ({e})") from None
+  return read
+
+
 def _walk_zip(zf: zipfile.ZipFile, display: str, depth: int = 1) -> Iterator[_File]:
   infos = zf.infolist()
   for info in infos:
@@ -93,7 +105,7 @@ def _walk_zip(zf: zipfile.ZipFile, display: str, depth: int = 1) -> Iterator[_Fi
         yield from _walk_zip(inner, name, depth + 1)
     else:
       _check_size(name, info, _MAX_FILE_BYTES)
-      yield name, rel, (lambda zf=zf, info=info: zf.read(info))
+      yield name, rel, _member_reader(zf, info, name)
 
 
 def _walk_zip_path(path: epath.Path) -> Iterator[_File]:
