@@ -299,3 +299,14 @@ def test_resized_cache_key_follows_the_recorded_source(tmp_path):
         metadata={"source_fingerprint": fp}))
   key = data_arrays._dataset_fingerprint
   assert key(fake("a")) == key(fake("a")) != key(fake("b"))
+
+
+def test_renamed_download_is_the_same_source(tree, tmp_path):
+  """A zip is its bytes: the file's name (the staged link is always the Kaggle name,
+  a folder may hold any name) does not make it another source."""
+  (tmp_path / "a").mkdir()
+  zip_path = _zip_tree(tree, tmp_path / "a" / "my_download.zip")
+  folder = und.source_fingerprint("kaggle", tmp_path / "a")
+  cfg = _cfg(zip_path, tmp_path / "d")
+  built = tfds_source.build(cfg)
+  assert und.recorded_fingerprint(built) == folder

@@ -223,8 +223,12 @@ def source_fingerprint(config: str, manual_dir, zip_sha256: Callable[[epath.Path
   for f in _source_files(config, manual_dir):
     size, mtime_ns = _stat(f)
     rel = f.relative_to(manual_dir).as_posix()
-    rows.append([rel, size, "sha256:" + zip_sha256(f) if f.suffix.lower() == ".zip"
-                 else mtime_ns])
+    if config == "kaggle" and f.suffix.lower() == ".zip":
+      if not _NESTED_ZIP.match(f.name):
+        rel = "<download>"  # its own name does not matter to the build
+      rows.append([rel, size, "sha256:" + zip_sha256(f)])
+    else:
+      rows.append([rel, size, mtime_ns])
   return hashlib.sha256(json.dumps([config, rows]).encode()).hexdigest()
 
 

@@ -144,6 +144,8 @@ def _zip_sha256(data_dir, und):
     return und.file_sha256
 
   def digest(path) -> str:
+    if "://" in str(path):
+      return und.file_sha256(path)
     real = pathlib.Path(os.path.realpath(path))
     st = real.stat()
     stamp = {"path": str(real), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
