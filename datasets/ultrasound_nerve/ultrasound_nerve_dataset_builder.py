@@ -41,8 +41,9 @@ _FOLDER_STEM = re.compile(r"^(\d+)_(\d+)$")
 _MAX_DEPTH = 3  # how deep to look for the tree below manual_dir
 # Archive limits. A Kaggle download nests one level (train.zip in the download); one
 # more allows a re-zipped download. A member read whole must fit in memory (Kaggle's
-# largest, train_masks.csv, is ~0.3 MB); a nested zip is streamed, but finding its
-# directory inflates it once, so it is capped too (Kaggle's train.zip is ~1 GB).
+# largest, train_masks.csv, is 2.2 MB); a nested zip is streamed, but finding its
+# directory inflates it once, so it is capped too (Kaggle's train.zip holds 11k LZW
+# TIFFs of up to ~0.2 MB, about 1.2 GB).
 # zipfile never inflates past a member's declared size (it then fails the CRC), so
 # checking the declared size bounds what is actually decompressed.
 _MAX_ZIP_NESTING = 3
@@ -217,9 +218,9 @@ def source_fingerprint(config: str, manual_dir, zip_sha256: Callable[[epath.Path
                        = file_sha256) -> str:
   """A digest of what a build of manual_dir reads: each file's path below manual_dir,
   size, and modification time (stat only: ~0.5 s of CPU for the 17k files of the
-  extracted Kaggle tree); a zip by its size and content hash instead, so a download fetched
-  again, or fetched on another host, is the same source. Any file added, removed or
-  edited changes it."""
+  extracted Kaggle tree); a zip by its size and content hash instead, so a download
+  fetched again, or fetched on another host, is the same source. Any file added,
+  removed or edited changes it."""
   # pathlib where it can: epath's path objects cost ~10x more per file to make.
   remote = "://" in str(manual_dir)
   manual_dir = epath.Path(manual_dir) if remote else pathlib.Path(manual_dir)
