@@ -5,17 +5,22 @@ Configs:
           saves (nested zips allowed) or its extracted tree. Splits train, test.
   folder  a user's own images/ and masks/ folders in manual_dir. Split train.
 
-Frames are stored at source resolution, PNG-encoded (lossless).
+Frames are stored at source resolution, PNG-encoded (lossless). Each build records
+source_fingerprint() of what it read in info.metadata, so a user of the data can tell
+whether the source has changed since (nerveseg_jax.data.tfds_source rebuilds then).
 """
 
 from __future__ import annotations
 
 import collections
 import csv
+import hashlib
 import io
+import json
 import pathlib
 import re
 import zipfile
+import zlib
 from typing import Callable, Iterator
 
 from etils import epath
@@ -34,6 +39,16 @@ _TRAIN_MASK = re.compile(r"^(\d+)_(\d+)_mask\.tif$")
 _TEST_IMAGE = re.compile(r"^(\d+)\.tif$")
 _FOLDER_STEM = re.compile(r"^(\d+)_(\d+)$")
 _MAX_DEPTH = 3  # how deep to look for the tree below manual_dir
+# Archive limits. A Kaggle download nests one level (train.zip in the download); one
+# more allows a re-zipped download. A member read whole must fit in memory (Kaggle's
+# largest, train_masks.csv, is 2.2 MB); a nested zip is streamed, but finding its
+# directory inflates it once, so it is capped too (Kaggle's train.zip holds 11k LZW
+# TIFFs of up to ~0.2 MB, about 1.2 GB).
+# zipfile never inflates past a member's declared size (it then fails the CRC), so
+# checking the declared size bounds what is actually decompressed.
+_MAX_ZIP_NESTING = 3
+_MAX_FILE_BYTES = 1 << 30
+_MAX_NESTED_ZIP_BYTES = 32 << 30
 
 
 class BadInputError(ValueError):
@@ -53,7 +68,24 @@ def _check_member(zip_name: str, name: str) -> None:
                         "'..'); this is not a Kaggle download")
 
 
-def _walk_zip(zf: zipfile.ZipFile, display: str) -> Iterator[_File]:
+def _check_size(name: str, info: zipfile.ZipInfo, cap: int) -> None:
+  if info.file_size > cap:
+    raise BadInputError(f"{name}: zip member inflates to {info.file_size} bytes, over the "
+                        f"{cap}-byte limit (a zip bomb or not a Kaggle download)")
+
+
+def _member_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str
+                   ) -> Callable[[], bytes]:
+  # Called by the walk's consumer, outside _walk_zip_path's error handling.
+  def read() -> bytes:
+    try:
+      return zf.read(info)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+      raise BadInputError(f"{name}: corrupt zip member ({e})") from None
+  return read
+
+
+def _walk_zip(zf: zipfile.ZipFile, display: str, depth: int = 1) -> Iterator[_File]:
   infos = zf.infolist()
   for info in infos:
     _check_member(display, info.filename)
@@ -65,10 +97,15 @@ def _walk_zip(zf: zipfile.ZipFile, display: str) -> Iterator[_File]:
       continue
     name = f"{display}!{info.filename}"
     if rel.name.lower().endswith(".zip"):
+      if depth >= _MAX_ZIP_NESTING:
+        raise BadInputError(f"{name}: zips nested more than {_MAX_ZIP_NESTING} deep; a "
+                            "Kaggle download has one zip inside another")
+      _check_size(name, info, _MAX_NESTED_ZIP_BYTES)
       with zf.open(info) as f, zipfile.ZipFile(f) as inner:
-        yield from _walk_zip(inner, name)
+        yield from _walk_zip(inner, name, depth + 1)
     else:
-      yield name, rel, (lambda zf=zf, info=info: zf.read(info))
+      _check_size(name, info, _MAX_FILE_BYTES)
+      yield name, rel, _member_reader(zf, info, name)
 
 
 def _walk_zip_path(path: epath.Path) -> Iterator[_File]:
@@ -87,7 +124,7 @@ def _walk_zip_path(path: epath.Path) -> Iterator[_File]:
 def _plain_files(root: epath.Path, depth: int = 0) -> list[epath.Path]:
   """Files below root (hidden ones skipped), sorted, at most _MAX_DEPTH folders deep."""
   out = []
-  for p in sorted(root.iterdir()):
+  for p in sorted(root.iterdir(), key=lambda p: p.name):  # by name: cheaper, same order
     if p.name.startswith("."):
       continue
     if p.is_dir():
@@ -98,8 +135,8 @@ def _plain_files(root: epath.Path, depth: int = 0) -> list[epath.Path]:
   return out
 
 
-def _walk_kaggle(manual_dir: epath.Path) -> Iterator[_File]:
-  """Files of the Kaggle download in manual_dir, through any nested zips."""
+def _kaggle_inputs(manual_dir: epath.Path) -> tuple[epath.Path | None, list[epath.Path]]:
+  """(the download zip, None) or (None, the files of an extracted tree) in manual_dir."""
   files = _plain_files(manual_dir)
   extracted = any(f.name == "train_masks.csv" for f in files)
   other_zips = [f for f in files if f.suffix.lower() == ".zip"
@@ -111,14 +148,98 @@ def _walk_kaggle(manual_dir: epath.Path) -> Iterator[_File]:
       raise BadInputError(
           f"{manual_dir} holds several zips ({', '.join(f.name for f in other_zips)}) "
           f"and no {KAGGLE_ZIP}; point data.manual_dir at the Kaggle zip itself")
-    yield from _walk_zip_path((named or other_zips)[0])
+    return (named or other_zips)[0], []
+  return None, [f for f in files
+                if _NESTED_ZIP.match(f.name) or f.suffix.lower() != ".zip"]
+
+
+def _walk_kaggle(manual_dir: epath.Path) -> Iterator[_File]:
+  """Files of the Kaggle download in manual_dir, through any nested zips."""
+  download, files = _kaggle_inputs(manual_dir)
+  if download is not None:
+    yield from _walk_zip_path(download)
     return
   for f in files:
     rel = pathlib.PurePosixPath(f.relative_to(manual_dir).as_posix())
     if _NESTED_ZIP.match(f.name):
       yield from _walk_zip_path(f)
-    elif f.suffix.lower() != ".zip":
+    else:
       yield str(f), rel, (lambda f=f: f.read_bytes())
+
+
+# ------------------------------------------------------------------ source fingerprint
+
+_DIGESTS: dict[tuple, str] = {}  # (real path, size, mtime_ns) -> sha256, per process
+
+
+def _stat(path) -> tuple[int, int]:
+  """(size, mtime_ns), following links: a staged link to a zip stands for the zip.
+  pathlib, not os: TFDS's builder test harness forbids os.* in builder modules."""
+  if "://" in str(path):  # object stores: epath knows whole seconds only
+    st = epath.Path(path).stat()
+    return st.length, int(st.mtime) * 10**9
+  st = pathlib.Path(path).stat()
+  return st.st_size, st.st_mtime_ns
+
+
+def file_sha256(path) -> str:
+  """SHA-256 of a file's bytes, remembered for this process while it is unchanged."""
+  real = str(path) if "://" in str(path) else str(pathlib.Path(path).resolve())
+  key = (real, *_stat(path))
+  if key not in _DIGESTS:
+    h = hashlib.sha256()
+    with epath.Path(path).open("rb") as f:
+      for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    _DIGESTS[key] = h.hexdigest()
+  return _DIGESTS[key]
+
+
+def _source_files(config: str, manual_dir) -> list[tuple[str, pathlib.PurePath]]:
+  """(path below manual_dir, path) of each file a build of manual_dir reads (zips
+  whole), in a fixed order."""
+  start = len(str(manual_dir).rstrip("/")) + 1
+
+  def rel(f) -> str:  # f lies below manual_dir; slicing is cheaper than relative_to
+    return str(f)[start:]
+  if config == "folder":
+    return [(f"{d}/{f.name}", f) for d in ("images", "masks") if (manual_dir / d).is_dir()
+            for f in sorted((manual_dir / d).iterdir())
+            if not f.name.startswith(".") and f.is_file()]
+  download, files = _kaggle_inputs(manual_dir)
+  if download is not None:
+    return [("<download>", download)]  # its own name does not matter to the build
+  return [(r, f) for f in files
+          if _NESTED_ZIP.match(f.name)
+          or _classify(pathlib.PurePosixPath(r := rel(f))) is not None]
+
+
+def source_fingerprint(config: str, manual_dir, zip_sha256: Callable[[epath.Path], str]
+                       = file_sha256) -> str:
+  """A digest of what a build of manual_dir reads: each file's path below manual_dir,
+  size, and modification time (stat only: ~0.5 s of CPU for the 17k files of the
+  extracted Kaggle tree); a zip by its size and content hash instead, so a download
+  fetched again, or fetched on another host, is the same source. Any file added,
+  removed or edited changes it."""
+  # pathlib where it can: epath's path objects cost ~10x more per file to make.
+  remote = "://" in str(manual_dir)
+  manual_dir = epath.Path(manual_dir) if remote else pathlib.Path(manual_dir)
+  rows = []
+  for rel, f in _source_files(config, manual_dir):
+    size, mtime_ns = _stat(f)
+    if config == "kaggle" and f.suffix.lower() == ".zip":
+      rows.append([rel, size, "sha256:" + zip_sha256(f)])
+    else:
+      rows.append([rel, size, mtime_ns])
+  return hashlib.sha256(json.dumps([config, rows]).encode()).hexdigest()
+
+
+def recorded_fingerprint(builder: tfds.core.DatasetBuilder) -> str:
+  """The source fingerprint a prepared build recorded ('' if built without one)."""
+  try:
+    return str(builder.info.metadata["source_fingerprint"])
+  except (KeyError, TypeError):
+    return ""
 
 
 def _classify(rel: pathlib.PurePosixPath) -> tuple[str, str] | None:
@@ -207,12 +328,17 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             "labeled": tfds.features.Scalar(np.bool_),
         }),
         homepage="https://www.kaggle.com/c/ultrasound-nerve-segmentation",
+        metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = epath.Path(self._manual_dir(dl_manager))
+    config = self.builder_config.name
+    # Taken before anything is read: a file edited during the build then leaves a
+    # fingerprint that no longer matches, and the next use rebuilds.
+    self.info.metadata["source_fingerprint"] = source_fingerprint(config, manual_dir)
     # Everything is listed and cross-checked here, before a single example is written.
-    if self.builder_config.name == "folder":
+    if config == "folder":
       return {"train": self._generate_examples("folder", manual_dir,
                                                _list_folder(manual_dir))}
     listing = _list_kaggle(manual_dir)

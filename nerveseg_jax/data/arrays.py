@@ -4,7 +4,8 @@
                                  data.fold and data.duplicates; cached as .npy beside
                                  the TFDS data (nerveseg_cache/), so later runs skip
                                  decoding and resizing
-  cached_split(builder, ...)     the cache itself, per (split, size, process, dataset)
+  cached_split(builder, ...)     the cache itself, per (split, size, process, dataset
+                                 fingerprint: a rebuilt source never meets an old cache)
 
 Why resize once: the set is small at network size (the Kaggle train set is ~130 MB at
 128x176), so it is held in host memory and a training batch is a gather of rows
@@ -98,11 +99,33 @@ def _check_data_cfg(data_cfg, split: str) -> tuple[tuple[int, int], str]:
 
 
 def _dataset_fingerprint(builder) -> str:
-  """Changes when the TFDS data are rebuilt (new shard sizes, checksums or version)."""
+  """Changes when the TFDS data are rebuilt: the source fingerprint the build recorded
+  (any frame added, removed or edited, even one that leaves every shard's size alone)
+  and dataset_info.json (split sizes, version)."""
+  from nerveseg_jax.datasets.ultrasound_nerve import ultrasound_nerve_dataset_builder as und  # pylint: disable=g-import-not-at-top
   info = pathlib.Path(builder.data_dir) / "dataset_info.json"
   h = hashlib.blake2b(digest_size=8)
+  h.update(und.recorded_fingerprint(builder).encode())
   h.update(info.read_bytes() if info.exists() else str(builder.info.splits).encode())
   return h.hexdigest()
+
+
+def _check_processes_agree(builder, data_cfg) -> None:
+  """Every process must train on the same data: the source fingerprints their builds
+  recorded must match (a host with another copy of the download, or one edited since,
+  would otherwise add its frames to the same batches silently)."""
+  if jax.process_count() == 1:
+    return
+  from nerveseg_jax.datasets.ultrasound_nerve import ultrasound_nerve_dataset_builder as und  # pylint: disable=g-import-not-at-top
+  digest = hashlib.sha256(und.recorded_fingerprint(builder).encode()).digest()
+  every = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest, np.uint8)))
+  every = every.reshape(-1, len(digest))
+  if odd := [p for p in range(len(every)) if (every[p] != every[0]).any()]:
+    raise ValueError(
+        f"data.manual_dir={data_cfg.manual_dir!r}: process(es) {odd} read other data "
+        "than process 0 (their builds' source fingerprints differ); every host needs "
+        "the same files (names, sizes, modification times) or one prepared data.data_dir "
+        "shared by all")
 
 
 def _read_resized(builder, tfds_split, size: tuple[int, int]) -> Arrays:
@@ -257,6 +280,7 @@ def load_arrays(data_cfg: ml_collections.ConfigDict, split: str) -> Arrays:
   size, mode = _check_data_cfg(data_cfg, split)
   from nerveseg_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
   builder = tfds_source.build(data_cfg)
+  _check_processes_agree(builder, data_cfg)
   tfds_split = "test" if split == "test" else "train"
   if tfds_split not in builder.info.splits:
     raise ValueError(f"data.source={data_cfg.source!r} has no {tfds_split!r} split "

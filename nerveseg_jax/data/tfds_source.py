@@ -8,10 +8,21 @@
              data.manual_dir or <data_dir>/synthetic_raw/<key>, then builds it with the
              kaggle config into <data_dir>/synthetic/<key>.
 
-Concurrency: generation and download_and_prepare run under an exclusive fcntl lock
-(<data_dir>/.locks/<name>.lock), so processes started together on one machine (a local
-multi-process run) build once and the others wait, then read. The lock is advisory
-and local: hosts that share a network file system should prepare once up front.
+Staleness: a build records the fingerprint of its source (the builder's
+source_fingerprint: names, sizes and mtimes of the files it reads, a zip by size and
+content hash). Before a build is used, data.manual_dir is fingerprinted again; if it
+differs (frames added, removed or edited, or manual_dir pointed elsewhere) the data are
+rebuilt into a temporary folder that then replaces the old build, resized cache
+included. Only a kaggle build with data.manual_dir empty (a data_dir staged once for
+a cluster) is used as it is; a manual_dir that is set but missing is always an error.
+A zip's hash is remembered in <data_dir>/manual/ against its path, size and mtime, so
+it is computed once.
+
+Concurrency: generation, the fingerprint check and download_and_prepare run under an
+exclusive fcntl lock (<data_dir>/.locks/<name>.lock), so processes started together on
+one machine (a local multi-process run) build once and the others wait, then read. The
+lock is advisory and local: hosts that share a network file system should prepare
+once up front.
 """
 
 from __future__ import annotations
@@ -19,6 +30,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
+import logging
 import os
 import pathlib
 import shutil
@@ -125,9 +138,71 @@ def _synthetic_tree(data_cfg, data_dir: pathlib.Path, key: str) -> pathlib.Path:
   return raw
 
 
-def build(data_cfg: ml_collections.ConfigDict):
-  """Returns the prepared `ultrasound_nerve` builder for data_cfg.source."""
+def _zip_sha256(data_dir, und):
+  """und.file_sha256, remembered across runs in <data_dir>/manual/ (local data_dir)."""
+  if "://" in str(data_dir):
+    return und.file_sha256
+
+  def digest(path) -> str:
+    if "://" in str(path):
+      return und.file_sha256(path)
+    real = pathlib.Path(os.path.realpath(path))
+    st = real.stat()
+    stamp = {"path": str(real), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    memo = data_dir / "manual" / f"{_path_key(real)}.sha256.json"
+    try:
+      known = json.loads(memo.read_text())
+      if {k: known.get(k) for k in stamp} == stamp:
+        return known["sha256"]
+    except (OSError, ValueError, KeyError):
+      pass
+    stamp["sha256"] = und.file_sha256(real)
+    from nerveseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    try:
+      memo.parent.mkdir(parents=True, exist_ok=True)
+      checkpoint.write_text_atomic(memo, json.dumps(stamp))
+    except OSError as e:  # a read-only data_dir: hash again next time
+      logging.warning("could not remember the hash of %s in %s (%s)", real, memo, e)
+    return stamp["sha256"]
+  return digest
+
+
+def _prepared(und, config: str, build_dir, manual, data_dir):
+  """The builder of manual's data in build_dir, (re)built unless it matches manual."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  want = und.source_fingerprint(config, manual, _zip_sha256(data_dir, und))
+  builder = und.Builder(config=config, data_dir=str(build_dir))
+  download_config = tfds.download.DownloadConfig(manual_dir=str(manual))
+  if not builder.is_prepared():
+    builder.download_and_prepare(download_config=download_config)
+    return builder
+  if und.recorded_fingerprint(builder) == want:
+    return builder
+  logging.warning("%s changed since %s was built from it: rebuilding", manual,
+                  builder.data_dir)
+  if "://" in str(build_dir):  # no renames on object stores: TFDS deletes, then writes
+    download_config.download_mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+    builder.download_and_prepare(download_config=download_config)
+    return builder
+  # Built beside the old data and swapped in by renames, so the old build (and the
+  # resized cache inside it) stays whole until the new one is complete.
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=".rebuild.", dir=build_dir))
+  try:
+    fresh = und.Builder(config=config, data_dir=str(tmp))
+    fresh.download_and_prepare(download_config=download_config)
+    old = pathlib.Path(builder.data_path)
+    stale = old.with_name(f".stale.{old.name}{tmp.name}")
+    os.rename(old, stale)
+    os.rename(pathlib.Path(fresh.data_path), old)
+    shutil.rmtree(stale, ignore_errors=True)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return und.Builder(config=config, data_dir=str(build_dir))
+
+
+def build(data_cfg: ml_collections.ConfigDict):
+  """Returns the prepared `ultrasound_nerve` builder for data_cfg.source, rebuilt first
+  if its source changed since it was built."""
   from nerveseg_jax.datasets.ultrasound_nerve import ultrasound_nerve_dataset_builder as und  # pylint: disable=g-import-not-at-top
 
   data_dir = _data_dir(data_cfg)
@@ -135,11 +210,12 @@ def build(data_cfg: ml_collections.ConfigDict):
   with _locked(data_dir, f"ultrasound_nerve_{source}"):
     if source == "kaggle":
       config, build_dir = "kaggle", data_dir
-      # A data_dir staged once (e.g. on shared storage for a cluster) needs no download
-      # on every host: only an unprepared dataset asks for data.manual_dir.
-      prepared = und.Builder(config=config, data_dir=str(build_dir))
-      if prepared.is_prepared():
-        return prepared
+      if not data_cfg.manual_dir:
+        # A data_dir staged once (e.g. on shared storage for a cluster) needs no
+        # download on every host; with no source named there is nothing to compare.
+        staged = und.Builder(config=config, data_dir=str(build_dir))
+        if staged.is_prepared():
+          return staged
       manual = _kaggle_manual_dir(data_cfg, data_dir)
     elif source == "folder":
       if not data_cfg.manual_dir:
@@ -157,7 +233,4 @@ def build(data_cfg: ml_collections.ConfigDict):
       config, build_dir = "kaggle", data_dir / "synthetic" / key
     else:
       raise ValueError(f"data.source={source!r}: expected kaggle, folder or synthetic")
-    builder = und.Builder(config=config, data_dir=str(build_dir))
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
-  return builder
+    return _prepared(und, config, build_dir, manual, data_dir)
