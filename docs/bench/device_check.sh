@@ -73,6 +73,12 @@ if ! "$PY" -c "import nerveseg_jax.configs" 2>/dev/null && [[ ! -e nerveseg_jax/
   ln -s ../configs nerveseg_jax/configs && LINK="$REPO/nerveseg_jax/configs"
 fi
 
+# The package's XLA:CPU flags help only the host backend; off an explicit CPU run they
+# are left out, so that an XLA build which no longer knows them cannot abort the check.
+if [[ "${JAX_PLATFORMS:-}" != cpu ]]; then
+  export NERVESEG_NO_XLA_FLAGS="${NERVESEG_NO_XLA_FLAGS:-1}"
+fi
+
 if command -v nvidia-smi > /dev/null; then
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm \
     --format=csv > "$OUT/nvidia_smi.csv" 2>&1 || true
