@@ -201,8 +201,11 @@ def run(config, *, steps: int = 10, infer_batch: int = 16, workdir: str | None =
 
   if train:
     part("train", measure_train)
-    if "compiled" not in ctx:
-      pipeline = fold = False  # nothing to feed
+    if "compiled" not in ctx:  # the train step failed: nothing to feed
+      for name, wanted in (("pipeline", pipeline), ("fold", fold)):
+        if wanted:
+          out["errors"][name] = "not run: the train step failed"
+      pipeline = fold = False
   if pipeline:
     part("pipeline", measure_pipeline)
   if fold:

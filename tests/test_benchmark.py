@@ -58,15 +58,26 @@ def test_command_measures_everything_sharded_without_tensorflow(tmp_path):
   assert "train images/s" in table and "5-fold CV" in table and "n/a" in table
 
 
-def test_failing_part_is_recorded_and_the_rest_reported(tmp_path):
+def test_failing_parts_are_recorded_and_the_rest_reported(tmp_path, monkeypatch):
+  from nerveseg_jax import train_step
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("no step today")
+
+  monkeypatch.setattr(train_step, "jit_train_step", broken)
   config = unet.get_config("smoke")
   seen = []
   missing = tmp_path / "no_run"
-  r = benchmark.run(config, train=False, pipeline=False, workdir=str(missing),
-                    keep_going=True, on_part=lambda res: seen.append(dict(res)))
-  assert "inference" in r["errors"] and str(missing) in r["errors"]["inference"]
-  assert seen and seen[-1]["errors"] == r["errors"]  # written as it went
+  r = benchmark.run(config, fold=True, workdir=str(missing), keep_going=True,
+                    on_part=lambda res: seen.append(json.loads(json.dumps(res))))
+  assert r["errors"]["train"] == "RuntimeError: no step today"
+  assert r["errors"]["pipeline"] == r["errors"]["fold"] == "not run: the train step failed"
+  assert str(missing) in r["errors"]["inference"]  # ran all the same
+  # Written as it went: after the train part, then after the inference part.
+  assert [list(s["errors"]) for s in seen[:2]] == [["train"],
+                                                   ["train", "pipeline", "fold", "inference"]]
   assert "FAILED inference" in benchmark.format_table(r)
+  monkeypatch.undo()
   with pytest.raises(FileNotFoundError, match="no_run"):
     benchmark.run(config, train=False, pipeline=False, workdir=str(missing))
 
@@ -96,3 +107,13 @@ def test_peak_table():
   assert benchmark.peak_tflops("TPU v4") == 275.0
   assert benchmark.peak_tflops("TPU v4", "float32") is None
   assert benchmark.peak_tflops("cpu") is None
+
+
+def test_config_data_times_the_configs_own_set(smoke_run):
+  config = unet.get_config("smoke")
+  config.data.data_dir = str(smoke_run / "tfds")    # the session's synthetic set
+  config.data.manual_dir = str(smoke_run / "raw")
+  r = benchmark.run(config, steps=1, pipeline_data="config", inference=False)
+  # The set's own training folds (not --frames), gathered on the host as CPU training does.
+  assert r["pipeline_frames"] not in (None, benchmark.KAGGLE_TRAIN_FRAMES)
+  assert r["device_resident"] is False and r["goodput"] > 0
