@@ -59,7 +59,7 @@ def test_budget_spent_skips_measurements_but_still_reports(tmp_path):
 def test_report_merges_partial_json_failures_and_timeouts(tmp_path):
   parts = tmp_path / "parts"
   parts.mkdir()
-  (parts / "status.tsv").write_text("a\t0\t50\t210\nb\t124\t90\t90\nc\t1\t3\t150\n")
+  (parts / "status.tsv").write_text("a\t1\t50\t210\nb\t124\t90\t90\nc\t1\t3\t150\n")
   (parts / "a.json").write_text(json.dumps({
       "device_kind": "NVIDIA H200", "mfu": 0.25, "compile_s": 12.0, "cv5_estimate_s": 600.0,
       "errors": {"fold": "RuntimeError: boom"}}))

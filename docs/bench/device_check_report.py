@@ -65,7 +65,7 @@ def main() -> None:
     path = parts / f"{name}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     status = _status(rc)
-    if status == "ok" and results.get("errors"):
+    if rc in ("0", "1") and results.get("errors"):  # --keep_going exits 1 after the rest ran
       status = "partial"
     measurements[name] = {"status": status, "exit_code": rc, "wall_s": float(wall),
                           "limit_s": float(limit), "results": results}
