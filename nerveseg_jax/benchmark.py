@@ -1,35 +1,46 @@
 """Benchmark: train-step throughput, compile time, FLOPs/MFU, input goodput, inference.
 
   python -m nerveseg_jax.benchmark --config configs/unet.py[:variant] [--config.KEY=V]
-      [--json OUT] [--steps 10] [--infer_batch 16] [--workdir RUN]
+      [--json OUT] [--steps 10] [--infer_batch 16] [--workdir RUN] [--fold]
 
 Measures on whatever devices JAX sees, with the project's own programs: the jitted,
-sharded, donating train step of train_step.py and the one predict function of inference.py.
+sharded, donating train step of train_step.py, the input pipeline's TrainIterator, and
+the one predict function of inference.py. The data are synthetic and made in memory
+(--pipeline_data=synthetic, the default), so the command needs neither TensorFlow nor a
+dataset; --pipeline_data=config times the config's own data set instead.
 How to read the table: docs/performance.md.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import statistics
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from nerveseg_jax import xla_flags
 
-# Dense bf16 peak per device, TFLOP/s (the issue's table). Matched against
-# device_kind, most specific first ("TPU v5 lite" is v5e, plain "TPU v5" is v5p).
+# Dense peak per device, TFLOP/s, by compute dtype. Matched against device_kind, most
+# specific first ("TPU v5 lite" is v5e, plain "TPU v5" is v5p). float32 on GPUs is the
+# non-tensor-core rate (TF32 tensor cores, if XLA uses them, can exceed it).
 PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("TPU v5 lite", 197.0),
                ("TPU v5e", 197.0), ("TPU v5p", 459.0), ("TPU v5", 459.0), ("TPU v4", 275.0))
+PEAK_TFLOPS_FP32 = (("H100", 67.0), ("H200", 67.0), ("A100", 19.5))
+
+KAGGLE_TRAIN_FRAMES = 5635  # labelled frames of the Kaggle train set
+FRAME = (420, 580)          # a Kaggle ultrasound frame, (H, W)
+NUM_FOLDS = 5
 
 
-def peak_tflops(device_kind: str) -> float | None:
-  for name, peak in PEAK_TFLOPS:
+def peak_tflops(device_kind: str, dtype: str = "bfloat16") -> float | None:
+  table = PEAK_TFLOPS_FP32 if dtype == "float32" else PEAK_TFLOPS
+  for name, peak in table:
     if name.lower() in device_kind.lower():
       return peak
   return None
@@ -55,99 +66,234 @@ def _random_batch(config, mesh) -> dict[str, jax.Array]:
   return {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in arrays.items()}
 
 
+def synthetic_arrays(n: int, size: tuple[int, int], *, seed: int = 0, subjects: int = 47):
+  """n uint8 frames at the network's size, made in memory (no decoding, no TFDS).
+
+  Pixel values do not change the speed of a gather or a step; what matters is the
+  shape and count, so the Kaggle set's count is the default (the mask is a box in
+  ~41% of frames, the Kaggle share).
+  """
+  from nerveseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  h, w = size
+  rng = np.random.default_rng(seed)
+  image = rng.integers(0, 256, (n, h, w, 1), dtype=np.uint8)
+  has = rng.random(n) < 0.41
+  mask = np.zeros((n, h, w, 1), np.uint8)
+  mask[has, h // 3:h // 2, w // 3:w // 2] = 1
+  return pipeline.Arrays(image=image, mask=mask, has_nerve=has, labeled=np.ones(n, bool),
+                         id=np.array([f"s{i}" for i in range(n)]),
+                         subject=(np.arange(n) % subjects).astype(np.int32))
+
+
+def _split_fold(arrays, fold: int = 0):
+  """(train, val) of a subject-wise fold, as the config's data.fold would give."""
+  from nerveseg_jax.data import folds  # pylint: disable=g-import-not-at-top
+  val = folds.select(arrays.subject, NUM_FOLDS, fold, "val")
+  return arrays.take(np.flatnonzero(~val)), arrays.take(np.flatnonzero(val))
+
+
+def _percentile_ms(times: list[float], q: float) -> float:
+  return float(np.percentile(np.asarray(times), q)) * 1e3
+
+
 def run(config, *, steps: int = 10, infer_batch: int = 16, workdir: str | None = None,
-        pipeline: bool = True, inference: bool = True) -> dict[str, Any]:
-  """Runs every measurement and returns them as a flat dict (None where not measured)."""
+        train: bool = True, pipeline: bool = True, pipeline_data: str = "synthetic",
+        frames: int = KAGGLE_TRAIN_FRAMES, inference: bool = True, latency_iters: int = 50,
+        fold: bool = False, fold_steps: int = 100, keep_going: bool = False,
+        on_part: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+  """Runs the selected measurements and returns them as a flat dict (None where not run).
+
+  keep_going: a failing part is recorded under "errors" and the rest still run.
+  on_part: called with the results so far after each part (to write them as they come).
+  """
   from nerveseg_jax import sharding, train_state, train_step  # pylint: disable=g-import-not-at-top
+  if pipeline_data not in ("synthetic", "config"):
+    raise ValueError(f"pipeline_data={pipeline_data!r}: use 'synthetic' or 'config'")
+  if (pipeline or fold) and not train:
+    raise ValueError("the pipeline and fold measurements need the train step: drop --notrain")
   mesh = sharding.make_mesh(config.mesh)
   train_state.validate_config(config, mesh.size)
   dev = jax.devices()[0]
+  dtype = str(config.dtype)
   out: dict[str, Any] = {
       "device_kind": dev.device_kind, "platform": dev.platform,
       "num_devices": jax.device_count(), "num_processes": jax.process_count(),
       "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
-      "config": str(config.name), "batch_size": int(config.batch_size),
-      "image_size": list(config.data.image_size), "dtype": str(config.dtype),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""), "host_cpus": os.cpu_count()}
+      "config": str(config.name), "model": str(config.model.name),
+      "batch_size": int(config.batch_size), "image_size": list(config.data.image_size),
+      "dtype": dtype, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "host_cpus": os.cpu_count(), "jax_version": jax.__version__, "errors": {}}
+  for key in ("compile_s", "flops_per_step_per_device", "compiled_bytes", "train_step_ms",
+              "train_images_per_s", "train_images_per_s_per_device", "mfu",
+              "pipeline_images_per_s", "goodput", "device_resident",
+              "infer_latency_ms_batch1", "infer_latency_ms_batch1_p95",
+              "infer_frames_per_s", "infer_images_per_s_model_size", "peak_device_bytes"):
+    out[key] = None
+  out["peak_tflops_per_device"] = peak_tflops(dev.device_kind, dtype)
+  b = int(config.batch_size)
+
+  def part(name: str, fn: Callable[[], dict[str, Any] | None]) -> None:
+    try:
+      out.update(fn() or {})
+    except Exception as e:  # pylint: disable=broad-except
+      if not keep_going:
+        raise
+      out["errors"][name] = f"{type(e).__name__}: {e}"
+    if on_part is not None:
+      on_part(out)
 
   tx, schedule = train_state.make_optimizer(config)
   parts = train_state.model_parts(config)
   state, shardings = train_state.init_state(config, parts, tx, mesh)
-  step = train_step.jit_train_step(config, parts, tx, schedule, mesh, shardings)
-  health = train_step.initial_health(mesh)
-  batch = _random_batch(config, mesh)
-  t = time.perf_counter()
-  compiled = step.lower(state, health, batch).compile()
-  out["compile_s"] = time.perf_counter() - t
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  out["flops_per_step_per_device"] = float(cost.get("flops", 0.0)) if cost else None
-  mem = compiled.memory_analysis()
-  out["compiled_bytes"] = (int(mem.temp_size_in_bytes + mem.argument_size_in_bytes
-                               + mem.output_size_in_bytes) if mem is not None else None)
+  ctx: dict[str, Any] = {"state": state, "health": train_step.initial_health(mesh)}
 
   def train_steps(n: int, batches) -> float:
-    nonlocal state, health
-    state, health, _, _ = compiled(state, health, next(batches))  # warm, not timed
-    jax.block_until_ready(state)
+    compiled = ctx["compiled"]
+    ctx["state"], ctx["health"], _, _ = compiled(ctx["state"], ctx["health"], next(batches))
+    jax.block_until_ready(ctx["state"])  # warm, not timed
     t = time.perf_counter()
     for _ in range(n):
-      state, health, _, _ = compiled(state, health, next(batches))
-    jax.block_until_ready(state)
+      ctx["state"], ctx["health"], _, _ = compiled(ctx["state"], ctx["health"], next(batches))
+    jax.block_until_ready(ctx["state"])
     return (time.perf_counter() - t) / n
 
-  def resident():
-    while True:
-      yield batch
+  def measure_train() -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    step = train_step.jit_train_step(config, parts, tx, schedule, mesh, shardings)
+    batch = _random_batch(config, mesh)
+    t = time.perf_counter()
+    ctx["compiled"] = compiled = step.lower(ctx["state"], ctx["health"], batch).compile()
+    res["compile_s"] = time.perf_counter() - t
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    res["flops_per_step_per_device"] = float(cost.get("flops", 0.0)) if cost else None
+    mem = compiled.memory_analysis()
+    res["compiled_bytes"] = (int(mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                                 + mem.output_size_in_bytes) if mem is not None else None)
 
-  sec = train_steps(steps, resident())
-  b = int(config.batch_size)
-  out["train_step_ms"] = sec * 1e3
-  out["train_images_per_s"] = b / sec
-  out["train_images_per_s_per_device"] = b / sec / jax.device_count()
-  peak = peak_tflops(dev.device_kind)
-  out["peak_tflops_per_device"] = peak
-  flops = out["flops_per_step_per_device"]
-  out["mfu"] = (flops / sec / (peak * 1e12)) if (peak and flops) else None
+    def resident():
+      while True:
+        yield batch
 
-  out["pipeline_images_per_s"] = out["goodput"] = None
-  if pipeline:
+    sec = ctx["resident_s"] = train_steps(steps, resident())
+    res["train_step_ms"] = sec * 1e3
+    res["train_images_per_s"] = b / sec
+    res["train_images_per_s_per_device"] = b / sec / jax.device_count()
+    peak, flops = out["peak_tflops_per_device"], res["flops_per_step_per_device"]
+    res["mfu"] = (flops / sec / (peak * 1e12)) if (peak and flops) else None
+    return res
+
+  def measure_pipeline() -> dict[str, Any]:
     from nerveseg_jax.data import pipeline as pipe  # pylint: disable=g-import-not-at-top
-    arrays = pipe.load_arrays(config.data, "train")
-    it = pipe.TrainIterator(arrays, b, mesh, seed=int(config.seed))
+    if pipeline_data == "config":
+      arrays, resident = pipe.load_arrays(config.data, "train"), None
+    else:
+      # The whole set held on the devices, the accelerator default (pipeline.resident_fits).
+      size = tuple(int(s) for s in config.data.image_size)
+      arrays, resident = _split_fold(synthetic_arrays(frames, size))[0], True
+    it = pipe.TrainIterator(arrays, b, mesh, seed=int(config.seed), device_resident=resident)
     try:
       real = train_steps(steps, it)
     finally:
-      getattr(it, "close", lambda: None)()
-    out["pipeline_images_per_s"] = b / real
-    out["goodput"] = sec / real  # step rate with the pipeline / with resident batches
+      it.close()
+    # Step rate with the pipeline / with one batch already on device.
+    return {"pipeline_images_per_s": b / real, "goodput": ctx["resident_s"] / real,
+            "device_resident": it.device_resident, "pipeline_frames": len(arrays)}
 
-  out["infer_latency_ms_batch1"] = out["infer_frames_per_s"] = None
-  out["infer_images_per_s_model_size"] = None
+  if train:
+    part("train", measure_train)
+    if "compiled" not in ctx:  # the train step failed: nothing to feed
+      for name, wanted in (("pipeline", pipeline), ("fold", fold)):
+        if wanted:
+          out["errors"][name] = "not run: the train step failed"
+      pipeline = fold = False
+  if pipeline:
+    part("pipeline", measure_pipeline)
+  if fold:
+    part("fold", lambda: _fold(config, mesh, parts, ctx, train_steps, frames, fold_steps,
+                               out.get("compile_s")))
   if inference:
-    out.update(_inference(config, state, infer_batch, workdir, steps))
+    part("inference", lambda: _inference(config, ctx["state"], infer_batch, workdir, steps,
+                                         latency_iters))
   if dev.platform != "cpu":
-    stats = dev.memory_stats() or {}
-    out["peak_device_bytes"] = stats.get("peak_bytes_in_use")
-  else:
-    out["peak_device_bytes"] = None
+    out["peak_device_bytes"] = (dev.memory_stats() or {}).get("peak_bytes_in_use")
+  if on_part is not None:
+    on_part(out)
   return out
 
 
-FRAME = (420, 580)  # a Kaggle ultrasound frame, (H, W)
+def _fold(config, mesh, parts, ctx, train_steps, frames: int, steps: int,
+          compile_s: float | None) -> dict[str, Any]:
+  """A short run of fold 0 (train steps, validation passes, a checkpoint save), timed,
+  and the config's full 5-fold cross-validation extrapolated from it.
+
+  The same parts as the train command (its step, TrainIterator, eval step, eval_batches,
+  TrainCheckpointer) on the in-memory synthetic set, so it needs no TensorFlow.
+  """
+  from nerveseg_jax import checkpoint, train_step  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax.data import pipeline as pipe  # pylint: disable=g-import-not-at-top
+  size = tuple(int(s) for s in config.data.image_size)
+  train_arrays, val_arrays = _split_fold(synthetic_arrays(frames, size))
+  eval_step = jax.jit(train_step.make_eval_step(config, parts))
+  keys = (*train_step.BATCH_KEYS, "valid")
+
+  def evaluate() -> float:
+    t = time.perf_counter()
+    total = None
+    for batch in pipe.eval_batches(val_arrays, int(config.eval_batch_size), mesh):
+      m = eval_step(ctx["state"], {k: batch[k] for k in keys})
+      total = m if total is None else total.merge(m)
+    if total is not None:
+      jax.device_get(total.compute())
+    return time.perf_counter() - t
+
+  t_run = time.perf_counter()
+  it = pipe.TrainIterator(train_arrays, int(config.batch_size), mesh, seed=int(config.seed))
+  try:
+    step_s = train_steps(steps, it)
+  finally:
+    it.close()
+  first_eval_s = evaluate()  # compiles the eval step
+  eval_s = evaluate()
+  with tempfile.TemporaryDirectory() as tmp:
+    ckpt = checkpoint.TrainCheckpointer(tmp, keep=1, best_metric="kaggle_score")
+    t = time.perf_counter()
+    ckpt.save(steps, ctx["state"], {"step": steps, "seed": int(config.seed)})
+    ckpt.wait()
+    save_s = time.perf_counter() - t
+    ckpt.close()
+  wall = time.perf_counter() - t_run
+  n = int(config.num_train_steps)
+  evals = math.ceil(n / int(config.eval_every_steps))
+  saves = math.ceil(n / int(config.checkpoint_every_steps))
+  fold_s = ((compile_s or 0.0) + (first_eval_s - eval_s) + n * step_s + evals * eval_s
+            + saves * save_s)
+  return {"fold_short_steps": steps, "fold_short_wall_s": wall + (compile_s or 0.0),
+          "fold_step_ms": step_s * 1e3, "fold_eval_s": eval_s,
+          "fold_eval_compile_s": first_eval_s - eval_s, "fold_save_s": save_s,
+          "fold_train_frames": len(train_arrays), "fold_val_frames": len(val_arrays),
+          "fold_num_train_steps": n, "fold_estimate_s": fold_s,
+          "cv5_estimate_s": NUM_FOLDS * fold_s}
 
 
-def _inference(config, state, batch: int, workdir: str | None, n: int) -> dict[str, Any]:
+def _write_run(config, state, directory: pathlib.Path) -> None:
+  """Saves STATE as a one-checkpoint run that inference.Predictor can load."""
+  from nerveseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  (directory / checkpoint.CONFIG_FILE).write_text(config.to_json_best_effort())
+  ckpt = checkpoint.TrainCheckpointer(directory, keep=1, best_metric="kaggle_score")
+  ckpt.save(0, state, {"step": 0, "seed": int(config.seed),
+                       "model": checkpoint.config_to_dict(config)["model"]})
+  ckpt.close()
+
+
+def _inference(config, state, batch: int, workdir: str | None, n: int,
+               latency_iters: int) -> dict[str, Any]:
   """Full-frame (420x580) inference through inference.Predictor, the one predict fn."""
-  from nerveseg_jax import checkpoint, inference, train  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax import inference  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as tmp:
     if workdir is None:
-      # Weights do not change the speed: save the benchmark's own state as a run.
-      workdir = tmp
-      (pathlib.Path(tmp) / checkpoint.CONFIG_FILE).write_text(config.to_json_best_effort())
-      ckpt = checkpoint.TrainCheckpointer(tmp, keep=1, best_metric="kaggle_score")
-      ckpt.save(0, state, train._meta(config, 0, None, "kaggle_score"))  # pylint: disable=protected-access
-      ckpt.close()
+      workdir = tmp  # weights do not change the speed: the benchmark's own state
+      _write_run(config, state, pathlib.Path(tmp))
     res = {}
     model_size = tuple(int(s) for s in config.data.image_size)
     # Full frames (420x580: resize in, network, resize back), then frames already at
@@ -158,9 +304,12 @@ def _inference(config, state, batch: int, workdir: str | None, n: int) -> dict[s
       predictor = inference.Predictor(workdir, batch_size=b, which="latest")
       fn, x = predictor.forward(b, source_size=size)
       jax.block_until_ready(fn(x))  # compile
-      times = _timed(lambda: fn(x), max(3, n))
-      med = statistics.median(times)
-      res[key] = med * 1e3 if key.endswith("_ms_batch1") else b / med
+      if b == 1:
+        times = _timed(lambda: fn(x), max(3, latency_iters))
+        res[key] = _percentile_ms(times, 50)
+        res[key + "_p95"] = _percentile_ms(times, 95)
+      else:
+        res[key] = b / statistics.median(_timed(lambda: fn(x), max(3, n)))
   return res
 
 
@@ -171,9 +320,14 @@ ROWS = (("device", "device_kind"), ("devices", "num_devices"), ("mesh", "mesh"),
         ("  per device", "train_images_per_s_per_device"),
         ("GFLOPs/step/device", "flops_per_step_per_device"), ("MFU", "mfu"),
         ("pipeline images/s", "pipeline_images_per_s"), ("input goodput", "goodput"),
-        ("inference batch-1 (ms)", "infer_latency_ms_batch1"),
+        ("  set on device", "device_resident"),
+        ("inference batch-1 p50 (ms)", "infer_latency_ms_batch1"),
+        ("inference batch-1 p95 (ms)", "infer_latency_ms_batch1_p95"),
         ("inference frames/s", "infer_frames_per_s"),
         ("  at model size, images/s", "infer_images_per_s_model_size"),
+        ("short fold run (s)", "fold_short_wall_s"),
+        ("one fold, estimated (s)", "fold_estimate_s"),
+        ("5-fold CV, estimated (s)", "cv5_estimate_s"),
         ("peak device memory (GiB)", "peak_device_bytes"),
         ("compiled step memory (GiB)", "compiled_bytes"))
 
@@ -195,26 +349,35 @@ def format_table(r: dict[str, Any]) -> str:
     else:
       s = str(v)
     lines.append(f"{label:<28} {s}")
+  for name, err in (r.get("errors") or {}).items():
+    lines.append(f"{'FAILED ' + name:<28} {err}")
   return "\n".join(lines)
+
+
+def write_json(r: dict[str, Any], path: str) -> None:
+  from nerveseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  out = pathlib.Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  checkpoint.write_text_atomic(out, json.dumps(r, indent=2) + "\n")
 
 
 def main(argv: list[str]) -> None:
   xla_flags.configure()  # before anything starts JAX
   from absl import flags  # pylint: disable=g-import-not-at-top
-  del argv
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
+  on_part = (lambda r: write_json(r, f.json)) if f.json else None
   r = run(f.config, steps=f.steps, infer_batch=f.infer_batch, workdir=f.workdir,
-          pipeline=f.pipeline, inference=f.inference)
+          train=f.train, pipeline=f.pipeline, pipeline_data=f.pipeline_data, frames=f.frames,
+          inference=f.inference, latency_iters=f.latency_iters, fold=f.fold,
+          fold_steps=f.fold_steps, keep_going=f.keep_going, on_part=on_part)
   print(format_table(r))
   if f.json:
-    write_json(r, f.json)
     print(f"wrote {f.json}")
-
-
-def write_json(r: dict[str, Any], path: str) -> None:
-  out = pathlib.Path(path)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(r, indent=2) + "\n")
+  if r["errors"]:
+    raise SystemExit(f"error: {len(r['errors'])} measurement(s) failed: "
+                     f"{', '.join(r['errors'])}")
 
 
 def _define_flags() -> None:
@@ -222,13 +385,24 @@ def _define_flags() -> None:
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "config file[:variant]", lock_config=True)
   flags.mark_flags_as_required(["config"])
-  flags.DEFINE_string("json", None, "also write the results as JSON here")
+  flags.DEFINE_string("json", None, "also write the results as JSON here (rewritten after "
+                      "each measurement, so a killed run keeps what it measured)")
   flags.DEFINE_integer("steps", 10, "timed train steps (after one warm step)")
   flags.DEFINE_integer("infer_batch", 16, "batch for the inference frames/s figure")
+  flags.DEFINE_integer("latency_iters", 50, "timed batch-1 calls (for p50 and p95)")
   flags.DEFINE_string("workdir", None, "a trained run to time inference with (default: "
                       "the benchmark's own initial weights)")
-  flags.DEFINE_bool("pipeline", True, "measure input goodput with the real pipeline")
+  flags.DEFINE_bool("train", True, "measure the train step (compile, images/s, MFU)")
+  flags.DEFINE_bool("pipeline", True, "measure input goodput")
+  flags.DEFINE_enum("pipeline_data", "synthetic", ["synthetic", "config"],
+                    "synthetic: --frames frames made in memory, held on device (no "
+                    "TensorFlow); config: the config's data set (TFDS)")
+  flags.DEFINE_integer("frames", KAGGLE_TRAIN_FRAMES, "synthetic set size (pipeline, fold)")
   flags.DEFINE_bool("inference", True, "measure inference latency and throughput")
+  flags.DEFINE_bool("fold", False, "time a short fold-0 run and extrapolate the config's "
+                    "5-fold cross-validation")
+  flags.DEFINE_integer("fold_steps", 100, "train steps of the short fold run")
+  flags.DEFINE_bool("keep_going", False, "record a failing measurement and run the rest")
 
 
 if __name__ == "__main__":
