@@ -139,11 +139,12 @@ FRAME = (420, 580)  # a Kaggle ultrasound frame, (H, W)
 def _inference(config, state, batch: int, workdir: str | None, n: int) -> dict[str, Any]:
   """Full-frame (420x580) inference through inference.Predictor, the one predict fn."""
   from nerveseg_jax import checkpoint, inference, train  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as tmp:
     if workdir is None:
       # Weights do not change the speed: save the benchmark's own state as a run.
       workdir = tmp
-      (pathlib.Path(tmp) / checkpoint.CONFIG_FILE).write_text(config.to_json_best_effort())
+      workdir_lib.write_config(tmp, config)
       ckpt = checkpoint.TrainCheckpointer(tmp, keep=1, best_metric="kaggle_score")
       ckpt.save(0, state, train._meta(config, 0, None, "kaggle_score"))  # pylint: disable=protected-access
       ckpt.close()
@@ -210,9 +211,10 @@ def main(argv: list[str]) -> None:
 
 
 def write_json(r: dict[str, Any], path: str) -> None:
+  from nerveseg_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   out = pathlib.Path(path)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(r, indent=2) + "\n")
+  workdir_lib.write_text_atomic(out, json.dumps(r, indent=2) + "\n")
 
 
 def _define_flags() -> None:
