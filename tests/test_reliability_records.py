@@ -163,7 +163,8 @@ def test_config_json_changes_only_once_a_checkpoint_of_the_new_config_is_saved(
   assert first == workdir_lib.config_to_dict(_config(data_dir))
   # A resume under another learning rate that goes non-finite before its first save:
   # config.json still describes the checkpoints, which were never trained that way.
-  changed = _config(data_dir, learning_rate=3e-3)
+  changed = _config(data_dir, learning_rate=1e-3)  # the smoke variant has 3e-3
+  assert changed.learning_rate != _config(data_dir).learning_rate
   with monkeypatch.context() as mp:
     mp.setattr(pipeline, "TrainIterator", _poison_from(2))
     with pytest.raises(train.NonFiniteLossError):
