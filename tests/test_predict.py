@@ -123,11 +123,13 @@ def test_predict_single_file_and_bad_arguments(calibrated, tmp_path, capsys):
   assert predict.main(["--workdir", str(workdir), "--images", str(tmp_path / "scan.png"),
                        "--output", str(out)]) == 0
   assert np.asarray(Image.open(out / "masks" / "scan.png")).shape == (210, 290)
+  fresh = tmp_path / "fresh"  # `out` now holds results: predict would refuse it first
   assert predict.main(["--workdir", str(tmp_path / "nope"), "--images", str(tmp_path),
-                       "--output", str(out)]) == 2
+                       "--output", str(fresh)]) == 2
   assert "nope" in capsys.readouterr().err
   assert predict.main(["--workdir", str(workdir), "--images", str(tmp_path / "missing"),
-                       "--output", str(out)]) == 2
+                       "--output", str(fresh)]) == 2
+  assert not fresh.exists()
 
 
 def test_unique_names_never_collide():
