@@ -10,6 +10,7 @@ mid-save leaves no step directory that a resume would pick up.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -134,7 +135,7 @@ class TrainCheckpointer:
       return
     step, self._pending = self._pending, None
     if not (self.directory / str(step)).exists():
-      raise OSError(f"checkpoint step {step} was not committed to {self.directory}")
+      raise OSError(errno.EIO, "the checkpoint was not committed", str(self.directory / str(step)))
     logging.info("saved checkpoint step %d", step)
     if self._on_saved is not None:
       self._on_saved(step)

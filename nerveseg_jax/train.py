@@ -119,9 +119,13 @@ _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 
 def _write_failure(e: OSError, workdir) -> str | None:
   """The one-line message for E if it is a failure to write WORKDIR, else None."""
-  path = str(e.filename or workdir)
-  inside = path == str(workdir) or path.startswith(str(workdir).rstrip("/") + "/")
-  if not (inside or e.errno in _WRITE_ERRNOS):
+  if e.filename is not None:
+    path = str(e.filename)
+    if not (path == str(workdir) or path.startswith(str(workdir).rstrip("/") + "/")):
+      return None  # another file (the data, an init_from checkpoint): not the workdir's
+  elif e.errno in _WRITE_ERRNOS:
+    path = str(workdir)
+  else:
     return None
   try:
     steps = workdir_lib.checkpoint_steps(workdir)
