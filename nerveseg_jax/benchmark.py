@@ -279,10 +279,11 @@ def _fold(config, mesh, parts, ctx, train_steps, frames: int, steps: int,
 def _write_run(config, state, directory: pathlib.Path) -> None:
   """Saves STATE as a one-checkpoint run that inference.Predictor can load."""
   from nerveseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  (directory / checkpoint.CONFIG_FILE).write_text(config.to_json_best_effort())
+  from nerveseg_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir_lib.write_config(directory, config)
   ckpt = checkpoint.TrainCheckpointer(directory, keep=1, best_metric="kaggle_score")
   ckpt.save(0, state, {"step": 0, "seed": int(config.seed),
-                       "model": checkpoint.config_to_dict(config)["model"]})
+                       "model": workdir_lib.config_to_dict(config)["model"]})
   ckpt.close()
 
 
@@ -355,10 +356,10 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def write_json(r: dict[str, Any], path: str) -> None:
-  from nerveseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   out = pathlib.Path(path)
   out.parent.mkdir(parents=True, exist_ok=True)
-  checkpoint.write_text_atomic(out, json.dumps(r, indent=2) + "\n")
+  workdir_lib.write_text_atomic(out, json.dumps(r, indent=2) + "\n")
 
 
 def main(argv: list[str]) -> None:

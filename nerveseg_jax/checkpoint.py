@@ -10,14 +10,12 @@ mid-save leaves no step directory that a resume would pick up.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
-import os
 import pathlib
-
-from etils import epath
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -27,31 +25,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as ocm
 
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-
-
-class CheckpointMismatchError(ValueError):
-  """A config or model does not fit the checkpoint it is asked to use."""
-
-
-def as_path(path: str | os.PathLike) -> epath.Path:
-  """A workdir or checkpoint path: local ones absolute, remote ones (gs://...) kept whole.
-
-  pathlib would collapse 'gs://bucket/run' into 'gs:/bucket/run'; epath keeps the
-  scheme and reads and writes through the matching file system, like Orbax and TFDS.
-  """
-  text = os.fspath(path)
-  if "://" in text:
-    return epath.Path(text)
-  return epath.Path(pathlib.Path(text).expanduser().absolute())
-
-
-def write_text_atomic(path, text: str) -> None:
-  """Writes PATH whole or not at all: a kill mid-write leaves the previous file."""
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(text)
-  tmp.replace(path)
+from nerveseg_jax import workdir as workdir_lib
+from nerveseg_jax.workdir import CHECKPOINT_DIR, CheckpointMismatchError, as_path
 
 
 def _metric_or_neg_inf(metrics: Mapping[str, Any], key: str) -> float:
@@ -59,61 +34,6 @@ def _metric_or_neg_inf(metrics: Mapping[str, Any], key: str) -> float:
   if value is None or not math.isfinite(float(value)):
     return -math.inf
   return float(value)
-
-
-def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return json.loads(config.to_json_best_effort())
-
-
-def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-  path = as_path(workdir) / CONFIG_FILE
-  if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist: is {workdir} a training workdir?")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def _diff(a: Any, b: Any, prefix: str) -> list[str]:
-  """Keys whose values differ between two nested dicts (lists and tuples equal)."""
-  if isinstance(a, Mapping) and isinstance(b, Mapping):
-    out = []
-    for k in sorted(set(a) | set(b)):
-      out += _diff(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{prefix}.{k}")
-    return out
-  norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
-  return [] if norm(a) == norm(b) else [f"{prefix}: checkpoint {a!r} vs config {b!r}"]
-
-
-def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
-  """The committed checkpoint steps of WORKDIR (half-written `*.orbax-checkpoint-tmp*`
-  directories are not steps)."""
-  directory = as_path(workdir) / CHECKPOINT_DIR
-  if not directory.exists():
-    return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-
-
-def check_model_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """Raises CheckpointMismatchError when WORKDIR holds checkpoints of another train state.
-
-  Compared with the saved WORKDIR/config.json: every `model.*` key, and whether
-  gradient clipping is on (`grad_clip_norm` > 0 adds a stage to the optimizer state).
-  A workdir without checkpoints (a run that stopped before its first save) is free.
-  """
-  path = workdir / CONFIG_FILE
-  if not path.exists() or not checkpoint_steps(workdir):
-    return
-  saved = json.loads(path.read_text())
-  diffs = _diff(saved.get("model", {}), config_to_dict(config).get("model", {}), "model")
-  clip = lambda v: bool(v) and float(v) > 0
-  if "grad_clip_norm" in saved and clip(saved["grad_clip_norm"]) != clip(
-      config.get("grad_clip_norm", 0.0)):
-    diffs.append(f"grad_clip_norm: checkpoint {saved['grad_clip_norm']!r} vs config "
-                 f"{config.get('grad_clip_norm')!r} (clipping on/off changes the optimizer "
-                 "state)")
-  if diffs:
-    raise CheckpointMismatchError(
-        f"{workdir} holds checkpoints of a different model ({path}):\n  "
-        + "\n  ".join(diffs) + "\nUse another --workdir, or the saved model config.")
 
 
 def path_str(keypath: tuple) -> str:
@@ -160,11 +80,20 @@ def check_shapes(saved: Mapping[str, Any], expected: Mapping[str, Any], where: s
 
 
 class TrainCheckpointer:
-  """The CheckpointManager of one training run: latest N plus the best by val score."""
+  """The CheckpointManager of one training run: latest N plus the best by val score.
 
-  def __init__(self, workdir: str | pathlib.Path, *, keep: int, best_metric: str):
+  Orbax saves in the background; a save counts as done only once its step directory
+  is committed. `on_saved(step)` runs then (on the caller's thread: at the next
+  `poll`, `save`, `wait` or `close`), and only then is "saved checkpoint step N"
+  logged, so neither the log nor anything derived from it runs ahead of the disk.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path, *, keep: int, best_metric: str,
+               on_saved: Callable[[int], None] | None = None):
     self.directory = as_path(workdir) / CHECKPOINT_DIR
     self.best_metric = best_metric
+    self._on_saved = on_saved
+    self._pending: int | None = None
     best = lambda m: _metric_or_neg_inf(m, best_metric)
     policy = ocm.AnyPreservationPolicy([
         ocm.LatestN(n=max(1, keep)),
@@ -186,10 +115,30 @@ class TrainCheckpointer:
 
   def save(self, step: int, state: Any, meta: Mapping[str, Any],
            metrics: Mapping[str, float] | None = None) -> None:
+    """Starts saving STEP in the background (after the previous save is confirmed)."""
+    self._confirm()
     metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))),
         metrics=metrics, force=True)
+    self._pending = int(step)
+
+  def poll(self) -> None:
+    """Confirms a background save that has finished, without waiting for one that has not."""
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self._confirm()
+
+  def _confirm(self) -> None:
+    # Re-raises the error of a failed background save.
+    self.manager.wait_until_finished()
+    if self._pending is None:
+      return
+    step, self._pending = self._pending, None
+    if not (self.directory / str(step)).exists():
+      raise OSError(errno.EIO, "the checkpoint was not committed", str(self.directory / str(step)))
+    logging.info("saved checkpoint step %d", step)
+    if self._on_saved is not None:
+      self._on_saved(step)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores into the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
@@ -212,11 +161,14 @@ class TrainCheckpointer:
     return out["state"], dict(out["meta"])
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the last save is committed (and confirmed)."""
+    self._confirm()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self._confirm()
+    finally:
+      self.manager.close()
 
 
 def tree_metadata(path: pathlib.Path) -> dict[str, Any]:
@@ -351,7 +303,7 @@ def load_model(workdir: str | pathlib.Path, *, which: str = "best"
   from nerveseg_jax import models  # pylint: disable=g-import-not-at-top
 
   workdir = as_path(workdir)
-  config = read_config(workdir)
+  config = workdir_lib.read_config(workdir)
   directory = workdir / CHECKPOINT_DIR
   step = _select_step(directory, which)
   abstract = nnx.eval_shape(lambda: models.build_model(

@@ -5,6 +5,7 @@ message naming it, not a traceback.
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 from collections.abc import Mapping
 
@@ -54,8 +55,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     # config_flags raises these for an override of a key the config does not have.
     hint = str(e).replace("\\n", "\n")
     hint = hint[hint.index("Did you mean"):].strip("\"' ") if "Did you mean" in hint else ""
+    # A failed override leaves no parsed config: the keys are checked against the
+    # config file as it is, so the one named is the one that does not exist.
     cfg = fl["config"].value
-    unknown = [k for k in override_keys(argv) if cfg is None or not has_key(cfg, k)]
+    if cfg is None:
+      cfg = _load_config(config_arg(argv))
+    unknown = [k for k in override_keys(argv) if cfg is not None and not has_key(cfg, k)]
     key = unknown[0] if unknown else str(e)
     raise SystemExit(f"error: unknown config key {key!r} (--config.{key}=...); "
                      f"{hint}".rstrip("; ")) from None
@@ -64,6 +69,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     # config_flags embeds the config file's traceback: keep its first and last line.
     msg = lines[0] if len(lines) < 2 else f"{lines[0]} {lines[-1].strip()}"
     raise SystemExit(f"error: {msg}") from None
+
+
+def _load_config(arg: str) -> ml_collections.ConfigDict | None:
+  """The config of FILE[:VARIANT] without overrides, or None if it cannot be built."""
+  path, _, variant = arg.partition(":")
+  try:
+    spec = importlib.util.spec_from_file_location("_config_for_error", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+  except Exception:  # pylint: disable=broad-except  # only refines an error message
+    return None
 
 
 def has_key(cfg: ml_collections.ConfigDict, dotted: str) -> bool:

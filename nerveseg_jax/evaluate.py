@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import pathlib
 import sys
@@ -40,6 +41,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from nerveseg_jax import imageio, inference, postprocess, report, rle
+from nerveseg_jax import workdir as workdir_lib
 from nerveseg_jax.postprocess import Calibration
 from nerveseg_jax import xla_flags
 
@@ -275,8 +277,7 @@ def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
   """
   workdir = pathlib.Path(workdir).expanduser()
   if config is None:
-    from nerveseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    config = checkpoint.read_config(workdir)
+    config = workdir_lib.read_config(workdir)
   if split not in SPLITS:
     raise ValueError(f"--split must be one of {SPLITS}, got {split!r}")
   batch_size = batch_size or int(config.get("eval_batch_size", 8))
@@ -364,11 +365,12 @@ def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
   # fewer frames than the folder holds is never mistaken for the whole folder's.
   out["skipped"] = skipped
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "metrics.json").write_text(json.dumps(out, indent=2) + "\n")
-  with open(out_dir / "per_frame.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  workdir_lib.write_text_atomic(out_dir / "metrics.json", json.dumps(out, indent=2) + "\n")
+  table = io.StringIO(newline="")
+  writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+  writer.writeheader()
+  writer.writerows(rows)
+  workdir_lib.write_text_atomic(out_dir / "per_frame.csv", table.getvalue())
   flat = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
   flat.update(metrics["confusion"])
   if skipped:

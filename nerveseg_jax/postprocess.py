@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from nerveseg_jax import workdir as workdir_lib
+
 CALIBRATION_FILE = "calibration.json"
 # What every face shows for a frame judged empty (the wording).
 NO_NERVE = "No nerve found"
@@ -93,9 +95,7 @@ def save_calibration(workdir: str | pathlib.Path, cal: Calibration,
   d = cal.to_dict()
   if scores:
     d["scores"] = scores
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(d, indent=2) + "\n")
-  tmp.replace(path)
+  workdir_lib.write_text_atomic(path, json.dumps(d, indent=2) + "\n")
   return path
 
 

@@ -1,7 +1,8 @@
 """Segment a folder (or one file) of ultrasound frames with trained runs.
 
   python -m nerveseg_jax.predict --workdir DIR [--workdir DIR2 ...] \
-      [--classifier_workdir DIR3] --images PATH --output OUT [--tta] [--batch_size N]
+      [--classifier_workdir DIR3] --images PATH --output OUT [--overwrite] [--tta] \
+      [--batch_size N]
 
 Writes OUT/submission.csv (Kaggle `img,pixels`), OUT/masks/NAME.png (0/255),
 OUT/overlays/NAME.png (mask outline on the frame), OUT/report.html and
@@ -11,22 +12,58 @@ that fail in inference) are reported by name and skipped, the others still proce
 the exit status is then 1. Every file in the folder is counted: frames, failures, and
 ignored files (non-images, Kaggle *_mask files, hidden files). Frames without a nerve
 are reported as "No nerve found".
+
+OUT must be empty or new, so the results of two runs never mix; --overwrite replaces
+what predict writes there (the paths in OUTPUTS) and keeps any other file.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import pathlib
+import shutil
 import sys
 from typing import Any, Sequence
 
 from nerveseg_jax import imageio, inference, report
 from nerveseg_jax import xla_flags
+from nerveseg_jax import workdir as workdir_lib
 
 # Files read and sent to the device per step: bounds host memory on huge folders.
 _CHUNK_BATCHES = 4
+# Everything predict writes in OUT: what --overwrite replaces, and nothing else.
+OUTPUTS = ("masks", "overlays", "submission.csv", "report.html", "summary.json")
+
+
+class OutputFolderError(ValueError):
+  """--output cannot take this run's results (it holds another run's, or is a file)."""
+
+
+def check_output(output: str | pathlib.Path, overwrite: bool) -> pathlib.Path:
+  """OUTPUT as a path; raises OutputFolderError if it is a file, or holds files and
+  OVERWRITE is off (the old masks would sit beside the new ones, unlisted)."""
+  output = pathlib.Path(output).expanduser()
+  if output.exists() and not output.is_dir():
+    raise OutputFolderError(f"--output {output} is a file, not a folder")
+  if not overwrite and output.is_dir() and any(output.iterdir()):
+    raise OutputFolderError(
+        f"--output {output} is not empty; give --overwrite to replace the results of a "
+        f"previous run there ({', '.join(OUTPUTS)}; other files are kept), or choose a "
+        "new folder")
+  return output
+
+
+def _clear_outputs(output: pathlib.Path) -> None:
+  """Removes what an earlier predict wrote in OUTPUT (OUTPUTS only: never other files)."""
+  for name in OUTPUTS:
+    path = output / name
+    if path.is_dir() and not path.is_symlink():
+      shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+      path.unlink()  # a link is removed, never what it points to
 
 
 def _unique_names(paths: Sequence[pathlib.Path]) -> list[str]:
@@ -80,10 +117,15 @@ def _predict_chunk(predictor: inference.Predictor, frames: list, names: list[str
 
 
 def predict_path(predictor: inference.Predictor, images: str | pathlib.Path,
-                 output: str | pathlib.Path) -> dict[str, Any]:
-  """Runs `predictor` on every frame under `images` and writes OUT; returns the summary."""
+                 output: str | pathlib.Path, *, overwrite: bool = False) -> dict[str, Any]:
+  """Runs `predictor` on every frame under `images` and writes OUT; returns the summary.
+
+  OUT must be empty or new unless OVERWRITE, which first removes the OUTPUTS there.
+  """
   paths, ignored = imageio.list_inputs(images)
-  output = pathlib.Path(output).expanduser()
+  output = check_output(output, overwrite)
+  if overwrite:
+    _clear_outputs(output)
   (output / "masks").mkdir(parents=True, exist_ok=True)
   (output / "overlays").mkdir(parents=True, exist_ok=True)
   names = _unique_names(paths)
@@ -120,10 +162,11 @@ def predict_path(predictor: inference.Predictor, images: str | pathlib.Path,
   rows.sort(key=lambda r: imageio.natural_key(r[0]))
   frames_out.sort(key=lambda r: imageio.natural_key(r["name"]))
   failed.sort(key=lambda f: imageio.natural_key(pathlib.Path(f["file"]).name))
-  with open(output / "submission.csv", "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["img", "pixels"])
-    writer.writerows(rows)
+  table = io.StringIO(newline="")
+  writer = csv.writer(table)
+  writer.writerow(["img", "pixels"])
+  writer.writerows(rows)
+  workdir_lib.write_text_atomic(output / "submission.csv", table.getvalue())
   summary = dict(
       input=str(images), output=str(output),
       files=len(paths) + len(ignored), images=len(paths), processed=len(rows),
@@ -133,7 +176,7 @@ def predict_path(predictor: inference.Predictor, images: str | pathlib.Path,
       frames=frames_out)
   builder.write(output / "report.html", {k: v for k, v in summary.items()
                                          if not isinstance(v, (list, dict))})
-  (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  workdir_lib.write_text_atomic(output / "summary.json", json.dumps(summary, indent=2) + "\n")
   return summary
 
 
@@ -158,7 +201,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--classifier_workdir", default=None,
                  help="classifier run that decides nerve presence")
   p.add_argument("--images", required=True, help="a folder of frames or one frame")
-  p.add_argument("--output", required=True, help="output folder")
+  p.add_argument("--output", required=True, help="output folder (empty or new)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace the results of an earlier predict in --output "
+                      f"({', '.join(OUTPUTS)}); other files there are kept")
   p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
   p.add_argument("--batch_size", type=int, default=8)
   p.add_argument("--which", choices=("best", "latest"), default="best",
@@ -174,13 +220,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not paths:
       print(f"error: --images {args.images}: no tif/png/jpg frames found", file=sys.stderr)
       return 2
+    check_output(args.output, args.overwrite)  # before the models load: a quick refusal
     predictor = inference.Predictor(args.workdir, args.classifier_workdir, tta=args.tta,
                                     batch_size=args.batch_size, which=args.which)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   inference.log(predictor.describe())
-  summary = predict_path(predictor, args.images, args.output)
+  summary = predict_path(predictor, args.images, args.output, overwrite=args.overwrite)
   print(format_summary(summary))
   return 1 if summary["failed"] else 0
 

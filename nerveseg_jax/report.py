@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from nerveseg_jax import imageio
+from nerveseg_jax import workdir as workdir_lib
 from nerveseg_jax.postprocess import NO_NERVE
 
 
@@ -172,7 +173,7 @@ class ReportBuilder:
             ) -> pathlib.Path:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(self.render(summary), encoding="utf-8")
+    workdir_lib.write_text_atomic(path, self.render(summary))
     return path
 
 

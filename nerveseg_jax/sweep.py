@@ -41,6 +41,7 @@ import ml_collections
 
 from nerveseg_jax import cli_flags
 from nerveseg_jax import xla_flags
+from nerveseg_jax import workdir as workdir_lib
 
 RESULT_FILE = "sweep_result.json"
 # train's validation metrics are at the network's resolution; evaluate's, at the frames'
@@ -65,8 +66,7 @@ def _is_writer() -> bool:
 
 
 def _write_json(path, obj: Any) -> None:
-  from nerveseg_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  ckpt_lib.write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+  workdir_lib.write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def load_sweep(path: str | os.PathLike, arg: str = "") -> dict[str, Any]:
@@ -158,10 +158,9 @@ def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
 
 def _check_workdir(config: ml_collections.ConfigDict, workdir, where: str) -> None:
   """A run's workdir holds nothing, or a run of exactly this config (to read or resume)."""
-  from nerveseg_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  saved = workdir / ckpt_lib.CONFIG_FILE
+  saved = workdir / workdir_lib.CONFIG_FILE
   if saved.exists():
-    diff = _config_diff(json.loads(saved.read_text()), ckpt_lib.config_to_dict(config))
+    diff = _config_diff(json.loads(saved.read_text()), workdir_lib.config_to_dict(config))
     if diff:
       raise SweepError(f"{where}: {workdir} was trained with another config (keys "
                        f"{', '.join(diff)}); delete it or rename the run")
@@ -207,14 +206,14 @@ def run_one(config: ml_collections.ConfigDict, run: dict[str, Any], workdir,
   except train.NonFiniteLossError as e:
     # A diverging setting is a result of the sweep, not a reason to stop it.
     summary.update(status="diverged", error=str(e), steps=None)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, train.WorkdirError) as e:
     raise SweepError(f"{where} ({workdir}): {e}") from e
   else:
     if result.get("preempted"):
       raise Preempted(str(workdir))
     summary.update(status="ok", steps=int(result["step"]),
                    train_loss=result.get("train_loss"))
-  history = train.read_val_history(workdir)
+  history = workdir_lib.read_val_history(workdir)
   summary.update(wall_seconds=time.perf_counter() - t0, val_history=history,
                  **score(history, metric))
   if summary["status"] == "ok" and not history:
@@ -290,11 +289,10 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any], workdir,
   network's resolution, which flatters low resolutions. Returns (summaries in sweep
   order, the metric ranked by).
   """
-  from nerveseg_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from nerveseg_jax import sharding, train_state  # pylint: disable=g-import-not-at-top
   # Before anything touches a JAX backend: a multi-process sweep is one distributed job.
   sharding.maybe_initialize_distributed()
-  workdir = ckpt_lib.as_path(workdir)
+  workdir = workdir_lib.as_path(workdir)
   base = apply_overrides(config, sweep.get("base", {}), f"{title} (base)")
   base = apply_overrides(base, overrides or {}, f"{title} (--config overrides)")
   classifier = train_state.is_classifier(base)
@@ -331,7 +329,8 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any], workdir,
       _write_json(workdir / "sweep.json", {
           "metric": metric, "base": _jsonable(sweep.get("base", {})),
           "overrides": _jsonable(overrides or {}), "runs": summaries})
-      (workdir / "sweep.md").write_text(render_table(summaries, metric, f"# {title}"))
+      workdir_lib.write_text_atomic(workdir / "sweep.md",
+                                    render_table(summaries, metric, f"# {title}"))
   return summaries, metric
 
 

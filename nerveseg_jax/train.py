@@ -9,8 +9,8 @@ different number of devices, follows the same trajectory.
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import json
 import logging
 import pathlib
 import signal
@@ -31,12 +31,17 @@ from nerveseg_jax import sharding
 from nerveseg_jax import train_state
 from nerveseg_jax import train_step
 from nerveseg_jax import xla_flags
+from nerveseg_jax import workdir as workdir_lib
 
 _BATCH_KEYS = train_step.BATCH_KEYS
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN/inf; the run stopped without saving the bad state."""
+
+
+class WorkdirError(RuntimeError):
+  """The workdir could not be written; the message names the path and what was kept."""
 
 
 # ----------------------------------------------------------------------------- loop
@@ -104,59 +109,83 @@ def _log_compiled(name: str, compiled, seconds: float, writer) -> None:
 
 def _meta(config, step: int, metrics: Mapping[str, float] | None, best_metric: str) -> dict:
   return {"step": int(step), "seed": int(config.seed), "data_step": int(step),
-          "model": ckpt_lib.config_to_dict(config)["model"], "best_metric": best_metric,
+          "model": workdir_lib.config_to_dict(config)["model"], "best_metric": best_metric,
           "metrics": dict(metrics or {})}
 
 
-VAL_HISTORY_FILE = "val_history.jsonl"
+# What a full disk, a read-only file system or a missing permission raise, wherever the
+# error lost the path it was writing.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-def append_val_history(workdir, step: int, values: Mapping[str, float]) -> None:
-  """One JSON line per evaluation in WORKDIR/val_history.jsonl (plain, no TF to read it).
-
-  Rewritten whole (small) rather than appended: object stores have no append. After a
-  SIGKILL and resume, steps past the restored checkpoint are evaluated again and appear
-  twice; readers keep the last line of each step (see read_val_history).
-  """
-  path = workdir / VAL_HISTORY_FILE
-  old = path.read_text() if path.exists() else ""
-  row = {"step": int(step), **{k: (float(v) if np.isfinite(v) else None)
-                               for k, v in values.items()}}
-  ckpt_lib.write_text_atomic(path, old + json.dumps(row) + "\n")
-
-
-def read_val_history(workdir) -> list[dict[str, Any]]:
-  """WORKDIR's evaluations, one per step (the last written wins), in step order."""
-  path = ckpt_lib.as_path(workdir) / VAL_HISTORY_FILE
-  if not path.exists():
-    return []
-  by_step = {}
-  for line in path.read_text().splitlines():
-    if line.strip():
-      row = json.loads(line)
-      by_step[int(row["step"])] = row
-  return [by_step[k] for k in sorted(by_step)]
+def _write_failure(e: OSError, workdir) -> str | None:
+  """The one-line message for E if it is a failure to write WORKDIR, else None."""
+  if e.filename is not None:
+    path = str(e.filename)
+    if not (path == str(workdir) or path.startswith(str(workdir).rstrip("/") + "/")):
+      return None  # another file (the data, an init_from checkpoint): not the workdir's
+  elif e.errno in _WRITE_ERRNOS:
+    path = str(workdir)
+  else:
+    return None
+  try:
+    steps = workdir_lib.checkpoint_steps(workdir)
+    exists = workdir.exists()
+  except OSError:
+    steps, exists = [], True
+  if steps:
+    # Every record is written atomically, so a failed write left the previous file whole.
+    kept = (f"kept: the checkpoints up to step {steps[-1]} in "
+            f"{workdir / workdir_lib.CHECKPOINT_DIR} and the records as they were before "
+            "this write; run the same command to resume once it is fixed")
+  elif exists:
+    kept = f"kept: {workdir} as it was (no checkpoint had been saved)"
+  else:
+    kept = "nothing was written"
+  return f"cannot write {path}: {e.strerror or e}; {kept}"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
                        ) -> dict[str, Any]:
-  """Trains (resuming from WORKDIR/checkpoints if any) and returns the final metrics."""
+  """Trains (resuming from WORKDIR/checkpoints if any) and returns the final metrics.
+
+  A workdir that cannot be written (a plain file in its path, a full disk, a read-only
+  file system) raises WorkdirError, naming the path and what the workdir kept.
+  """
   xla_flags.configure()
+  workdir = workdir_lib.as_path(workdir)
+  try:
+    return _train_and_evaluate(config, workdir)
+  except OSError as e:
+    message = _write_failure(e, workdir)
+    if message is None:
+      raise
+    raise WorkdirError(message) from e
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
   from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed()
-  workdir = ckpt_lib.as_path(workdir)
   mesh = sharding.make_mesh(config.mesh)
   train_state.validate_config(config, mesh.size)
   classifier = train_state.is_classifier(config)
   best_metric = "presence_accuracy" if classifier else "kaggle_score"
 
-  # The model check comes first, and config.json and the event files are written only
-  # once the train state is built or restored: a workdir that does not fit (another
-  # model, a config.json gone missing) is left exactly as it was.
-  ckpt_lib.check_model_config(workdir, config)
+  # The model check comes first, and the event files are written only once the train
+  # state is built or restored: a workdir that does not fit (another model, a
+  # config.json gone missing) is left exactly as it was.
+  workdir_lib.check_model_config(workdir, config)
   workdir.mkdir(parents=True, exist_ok=True)
+
+  def on_saved(step: int) -> None:
+    # config.json describes the checkpoints: it becomes this run's config only once a
+    # checkpoint trained under it is on disk (`start`: where this run took over).
+    del step
+    if jax.process_index() == 0:
+      workdir_lib.record_config(workdir, config, resumed_from=start)
+
   checkpointer = ckpt_lib.TrainCheckpointer(workdir, keep=int(config.keep_checkpoints),
-                                            best_metric=best_metric)
+                                            best_metric=best_metric, on_saved=on_saved)
 
   start = checkpointer.latest_step()
   num_steps = int(config.num_train_steps)
@@ -188,8 +217,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         state = train_state.apply_init_from(config, state, shardings)
       data_step = 0
     start = int(start)
-    if jax.process_index() == 0:
-      (workdir / ckpt_lib.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
     writer = metric_writers.create_default_writer(
         str(workdir), just_logging=jax.process_index() > 0)
 
@@ -230,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       values["images_per_sec"] = n / max(time.perf_counter() - t, 1e-9)
       writer.write_scalars(step, {f"val/{k}": v for k, v in values.items()})
       if jax.process_index() == 0:
-        append_val_history(workdir, step, values)
+        workdir_lib.append_val_history(workdir, step, values)
       logging.info("step %d validation: %s", step,
                    ", ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
       return values
@@ -266,6 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         train_metrics = m if train_metrics is None else train_metrics.merge(m)
         for hook in hooks:
           hook(step)
+        checkpointer.poll()  # confirms (logs, records) a background save that finished
         if step % int(config.log_every_steps) == 0 or step == num_steps:
           check_health(step)
           values = metrics_lib.to_host(train_metrics.compute())
@@ -287,9 +315,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                                best_metric),
                             metrics=val_values if (val_now and val_values) else None)
           last_saved = step
-          logging.info("saved checkpoint step %d", step)
         if stop:
           preempted = True
+          checkpointer.wait()
           logging.warning("SIGTERM: saved checkpoint at step %d in %s; run the same command "
                           "again to resume", step, checkpointer.directory)
           break
@@ -323,7 +351,7 @@ def main(argv: list[str]) -> None:
     result = train_and_evaluate(config, workdir)
   except tfds_source.DataNotFoundError as e:
     raise SystemExit(f"error: {e}") from None
-  except (ckpt_lib.CheckpointMismatchError, NonFiniteLossError, ValueError,
+  except (ckpt_lib.CheckpointMismatchError, NonFiniteLossError, WorkdirError, ValueError,
           FileNotFoundError) as e:
     # User-caused errors name their config key or file; the traceback only at debug.
     logging.debug("traceback", exc_info=True)

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from nerveseg_jax import checkpoint, sharding, train, train_state
+from nerveseg_jax import workdir as workdir_lib
 from nerveseg_jax.configs import unet
 
 
@@ -179,7 +180,7 @@ def _save(path, tree):
 
 def test_remote_workdirs_keep_their_scheme(tmp_path, monkeypatch):
   # gs://bucket/run must not collapse to gs:/bucket/run (what pathlib would make of it).
-  from nerveseg_jax.checkpoint import as_path
+  from nerveseg_jax.workdir import as_path
   assert str(as_path("gs://bucket/runs/unet")) == "gs://bucket/runs/unet"
   monkeypatch.chdir(tmp_path)
   assert str(as_path("runs/x")) == str(tmp_path / "runs" / "x")
@@ -190,7 +191,7 @@ def _untouched(workdir, config_json):
   assert (workdir / "config.json").exists() == (config_json is not None)
   if config_json is not None:
     assert (workdir / "config.json").read_text() == config_json
-  assert checkpoint.checkpoint_steps(workdir) == [1]
+  assert workdir_lib.checkpoint_steps(workdir) == [1]
   assert not list(workdir.glob("events.out.tfevents*"))
 
 
@@ -228,16 +229,16 @@ def test_clipping_switched_off_is_refused_by_name(tmp_path):
     train.train_and_evaluate(cfg, tmp_path)
   _untouched(tmp_path, before)
   cfg.grad_clip_norm = 5.0  # another threshold is the same optimizer state: allowed
-  checkpoint.check_model_config(tmp_path, cfg)
+  workdir_lib.check_model_config(tmp_path, cfg)
 
 
 def test_config_json_without_checkpoints_does_not_bind_the_workdir(tmp_path):
   # A run that stopped before its first save: another model may use the workdir.
   (tmp_path / "config.json").write_text(_config(features=4).to_json_best_effort())
-  checkpoint.check_model_config(tmp_path, _config(features=8))
+  workdir_lib.check_model_config(tmp_path, _config(features=8))
   (tmp_path / "checkpoints" / "5.orbax-checkpoint-tmp-1").mkdir(parents=True)
-  checkpoint.check_model_config(tmp_path, _config(features=8))
-  assert checkpoint.checkpoint_steps(tmp_path) == []
+  workdir_lib.check_model_config(tmp_path, _config(features=8))
+  assert workdir_lib.checkpoint_steps(tmp_path) == []
 
 
 def test_init_from_a_training_checkpoint_and_bad_paths(tmp_path):

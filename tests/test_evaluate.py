@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from nerveseg_jax import evaluate, postprocess
+from nerveseg_jax import workdir as workdir_lib
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,8 @@ def test_validation_metrics_and_calibration(val_eval):
 
 def test_evaluated_score_is_the_project_dice_at_source_size(val_eval):
   """Recompute per_frame.csv's Dice from the masks the predictor writes at source size."""
-  from nerveseg_jax import checkpoint, inference, metrics
-  config = checkpoint.read_config(val_eval)
+  from nerveseg_jax import inference, metrics
+  config = workdir_lib.read_config(val_eval)
   frames = list(evaluate._dataset_frames(config.data, "val"))
   assert all(f.image.shape == (420, 580) for f in frames)   # source, not training, size
   predictor = inference.Predictor(val_eval)                 # reads calibration.json
@@ -92,8 +93,7 @@ def test_labelled_folder_of_other_sizes(val_eval, shared_data, tmp_path):
 def test_test_split_scores_with_synthetic_truth_or_says_why(val_eval, run_root, tmp_path):
   out = evaluate.run(val_eval, split="test")
   assert out["metrics"]["num_frames"] == len(list((run_root / "raw" / "test").glob("*.tif")))
-  from nerveseg_jax import checkpoint
-  config = checkpoint.read_config(val_eval)
+  config = workdir_lib.read_config(val_eval)
   config.data.manual_dir = str(tmp_path)        # a tree without test_truth.csv
   with pytest.raises(ValueError, match="unlabelled.*test_truth.csv"):
     evaluate._find_test_truth(config.data)
@@ -134,10 +134,9 @@ def test_printed_table_shows_before_and_after(val_eval):
 
 def test_config_flag_overrides_the_workdirs_config(val_eval, tmp_path):
   """--config FILE:ARG: here a config whose validation fold is another one."""
-  from nerveseg_jax import checkpoint
   workdir = tmp_path / "workdir"
   shutil.copytree(val_eval, workdir)
-  config = checkpoint.read_config(workdir)
+  config = workdir_lib.read_config(workdir)
   other_fold = (int(config.data.fold) + 1) % int(config.data.num_folds)
   cfg_file = tmp_path / "other_fold.py"
   cfg_file.write_text(

@@ -123,11 +123,13 @@ def test_predict_single_file_and_bad_arguments(calibrated, tmp_path, capsys):
   assert predict.main(["--workdir", str(workdir), "--images", str(tmp_path / "scan.png"),
                        "--output", str(out)]) == 0
   assert np.asarray(Image.open(out / "masks" / "scan.png")).shape == (210, 290)
+  fresh = tmp_path / "fresh"  # `out` now holds results: predict would refuse it first
   assert predict.main(["--workdir", str(tmp_path / "nope"), "--images", str(tmp_path),
-                       "--output", str(out)]) == 2
+                       "--output", str(fresh)]) == 2
   assert "nope" in capsys.readouterr().err
   assert predict.main(["--workdir", str(workdir), "--images", str(tmp_path / "missing"),
-                       "--output", str(out)]) == 2
+                       "--output", str(fresh)]) == 2
+  assert not fresh.exists()
 
 
 def test_unique_names_never_collide():
@@ -225,12 +227,12 @@ def classifier_run(tmp_path_factory):
   says "no nerve" for every frame: zero kernel, bias -8, so presence = sigmoid(-8)."""
   import jax.numpy as jnp
   from flax import nnx
-  from nerveseg_jax import checkpoint, models
+  from nerveseg_jax import checkpoint, models, workdir as workdir_lib
   from nerveseg_jax.configs import classifier
   config = classifier.get_config("smoke")
   workdir = tmp_path_factory.mktemp("classifier") / "workdir"
   workdir.mkdir()
-  (workdir / checkpoint.CONFIG_FILE).write_text(json.dumps(checkpoint.config_to_dict(config)))
+  workdir_lib.write_config(workdir, config)
   model = models.build_model(config.model, rngs=nnx.Rngs(0))
   model.head.kernel.value = jnp.zeros_like(model.head.kernel.value)
   model.head.bias.value = jnp.full_like(model.head.bias.value, _CLASSIFIER_BIAS)

@@ -8,6 +8,7 @@ import pytest
 
 from nerveseg_jax import sweep
 from nerveseg_jax import train, train_state
+from nerveseg_jax import workdir as workdir_lib
 from nerveseg_jax.configs import unet
 from test_train import REPO, smoke_config, smoke_data_dir
 
@@ -30,7 +31,7 @@ def test_sweep_trains_each_run_tabulates_and_reads_back(data_dir, tmp_path, monk
     assert s["status"] == "ok" and s["steps"] == 4
     # Read from the run's val_history.jsonl, which train writes at every evaluation.
     assert [h["step"] for h in s["val_history"]] == [2, 4]
-    assert s["val_history"] == train.read_val_history(tmp_path / s["name"])
+    assert s["val_history"] == workdir_lib.read_val_history(tmp_path / s["name"])
     assert s["final"] == s["val_history"][-1]["nerve_dice"]
     assert s["best"] == max(h["nerve_dice"] for h in s["val_history"])
   # Each run trained with its own key on top of the base, and the command line's
@@ -90,8 +91,8 @@ def _fake_train(finals, raises=()):
       raise train.NonFiniteLossError("non-finite loss nan at step 3")
     value = finals[lr]
     if value is not None:
-      train.append_val_history(workdir, 2, {"kaggle_score": 0.1, "loss": 2.0})
-      train.append_val_history(workdir, 4, {"kaggle_score": value, "loss": 1.0 - value})
+      workdir_lib.append_val_history(workdir, 2, {"kaggle_score": 0.1, "loss": 2.0})
+      workdir_lib.append_val_history(workdir, 4, {"kaggle_score": value, "loss": 1.0 - value})
     return {"step": 4, "preempted": False}
   return fake
 
@@ -126,9 +127,9 @@ def test_preemption_stops_the_sweep_and_the_rerun_resumes(tmp_path, monkeypatch)
     calls.append(workdir.name)
     workdir.mkdir(parents=True, exist_ok=True)
     if len(calls) == 1:   # run a: one evaluation, then SIGTERM
-      train.append_val_history(workdir, 2, {"kaggle_score": 0.25})
+      workdir_lib.append_val_history(workdir, 2, {"kaggle_score": 0.25})
       return {"step": 3, "preempted": True}
-    train.append_val_history(workdir, 4, {"kaggle_score": 0.5 + 0.25 * (len(calls) == 3)})
+    workdir_lib.append_val_history(workdir, 4, {"kaggle_score": 0.5 + 0.25 * (len(calls) == 3)})
     return {"step": 4, "preempted": False}
 
   monkeypatch.setattr(train, "train_and_evaluate", fake)

@@ -22,6 +22,7 @@ from flax import nnx
 
 import conftest
 from nerveseg_jax import checkpoint, train, train_state, train_step
+from nerveseg_jax import workdir as workdir_lib
 from nerveseg_jax.configs import unet
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ def test_smoke_training_loss_goes_down(reference):
   assert 0.0 <= result["val_kaggle_score"] <= 1.0
   assert (workdir / "config.json").exists()
   # Every evaluation is also a line of val_history.jsonl (what sweeps read).
-  evals = train.read_val_history(workdir)
+  evals = workdir_lib.read_val_history(workdir)
   assert [e["step"] for e in evals] == [20, STEPS]
   assert evals[-1]["kaggle_score"] == pytest.approx(result["val_kaggle_score"])
   assert evals[-1]["nerve_dice"] == pytest.approx(result["val_nerve_dice"])
@@ -121,7 +122,7 @@ def test_smoke_training_loss_goes_down(reference):
   config, model = checkpoint.load_model(workdir, which="latest")
   assert config.model.features == 4 and model is not None
   # Running again on a finished workdir resumes and does nothing.
-  again = train.train_and_evaluate(checkpoint.read_config(workdir), workdir)
+  again = train.train_and_evaluate(workdir_lib.read_config(workdir), workdir)
   assert again["start_step"] == STEPS
 
 

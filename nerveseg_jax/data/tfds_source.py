@@ -157,10 +157,10 @@ def _zip_sha256(data_dir, und):
     except (OSError, ValueError, KeyError):
       pass
     stamp["sha256"] = und.file_sha256(real)
-    from nerveseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    from nerveseg_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
     try:
       memo.parent.mkdir(parents=True, exist_ok=True)
-      checkpoint.write_text_atomic(memo, json.dumps(stamp))
+      workdir_lib.write_text_atomic(memo, json.dumps(stamp))
     except OSError as e:  # a read-only data_dir: hash again next time
       logging.warning("could not remember the hash of %s in %s (%s)", real, memo, e)
     return stamp["sha256"]
