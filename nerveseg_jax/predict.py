@@ -22,7 +22,7 @@ import pathlib
 import sys
 from typing import Any, Sequence
 
-from nerveseg_jax import imageio, inference, report
+from nerveseg_jax import imageio, inference, postprocess, report
 
 # Files read and sent to the device per step: bounds host memory on huge folders.
 _CHUNK_BATCHES = 4
@@ -106,7 +106,8 @@ def predict_path(predictor: inference.Predictor, images: str | pathlib.Path,
     for frame, result in _predict_chunk(predictor, frames, frame_names, frame_paths, failed):
       imageio.write_png(output / "masks" / f"{result.name}.png", imageio.mask_png(result.mask))
       imageio.write_png(output / "overlays" / f"{result.name}.png",
-                        imageio.overlay(frame, result.mask))
+                        imageio.overlay(frame, result.mask, caption=postprocess.caption(
+                            result.decision, result.presence)))
       builder.add(result.name, frame, result.mask, result.presence, result.decision)
       rows.append((result.name, result.rle()))
       found += result.decision
@@ -131,7 +132,8 @@ def predict_path(predictor: inference.Predictor, images: str | pathlib.Path,
       pipeline=predictor.describe(), calibration=predictor.calibration.to_dict(),
       frames=frames_out)
   builder.write(output / "report.html", {k: v for k, v in summary.items()
-                                         if not isinstance(v, (list, dict))})
+                                         if not isinstance(v, (list, dict))},
+                calibration=summary["calibration"])
   (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary
 
