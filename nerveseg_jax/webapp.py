@@ -414,8 +414,9 @@ def create_app(load: Callable[[], inference.Predictor] | inference.Predictor,
     if not about:
       try:
         about.update(await run_in_threadpool(runinfo.model_info, p.workdirs[0], which))
-      except (OSError, ValueError) as e:  # the page then shows the run's name only
-        about.update(name=p.workdirs[0].name, error=str(e))
+      except Exception as e:  # pylint: disable=broad-except
+        # A run that cannot be described must not make the server look down.
+        about.update(name=p.workdirs[0].name, error=f"{type(e).__name__}: {e}")
     body.update(model=about, uncertain_margin=uncertain_margin)
     return body
 

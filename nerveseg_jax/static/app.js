@@ -41,7 +41,7 @@
         const minArea = body.calibration && body.calibration.min_area;
         state.minArea = typeof minArea === "number" ? minArea : 0;
         state.margin = typeof body.uncertain_margin === "number" ? body.uncertain_margin : 0;
-        showModel(body.model || {});
+        showModel(body.model || {}, body);
         setStatus("ready", "Model ready");
         pump();
         return;
@@ -59,9 +59,10 @@
   }
 
   // Which model answers, and how far to trust it: named in the header.
-  function showModel(m) {
+  function showModel(m, health) {
     const score = (x) => (typeof x === "number" ? x.toFixed(3) : "n/a");
-    const parts = [`Model ${m.name || "?"}`];
+    const runs = (health.workdirs || []).length;
+    const parts = [`Model ${m.name || "?"}` + (runs > 1 ? ` (first of an ensemble of ${runs})` : "")];
     if (typeof m.step === "number") parts.push(`checkpoint step ${m.step}`);
     if (typeof m.kaggle_score === "number" || typeof m.nerve_dice === "number") {
       parts.push(`validation Kaggle score ${score(m.kaggle_score)}`,
@@ -71,6 +72,7 @@
     }
     parts.push(m.calibrated ? `thresholds calibrated ${m.calibrated_at}`
                             : "thresholds not calibrated (defaults)");
+    if (health.classifier_workdir) parts.push(`presence decided by ${health.classifier_workdir}`);
     const line = el("model-line");
     line.textContent = parts.join(" · ");
     line.title = m.scores_source ? `Scores: ${m.scores_source}` : (m.error || "");
