@@ -40,7 +40,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from nerveseg_jax import imageio, inference, postprocess, report, rle
+from nerveseg_jax import imageio, inference, postprocess, report, rle, runinfo, summaries
 from nerveseg_jax import workdir as workdir_lib
 from nerveseg_jax.postprocess import Calibration
 from nerveseg_jax import xla_flags
@@ -292,7 +292,8 @@ def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
     source, frames = f"split {split}", lambda: _dataset_frames(config.data, split, ids)
   out_dir = workdir / "eval" if (split == "val" and not folder) else (
       workdir / "eval" / ("folder_" + pathlib.Path(folder).name if folder else split))
-  out: dict[str, Any] = dict(workdir=str(workdir), source=source, checkpoint=which, tta=tta)
+  out: dict[str, Any] = dict(workdir=str(workdir), source=source, checkpoint=which, tta=tta,
+                            checkpoint_step=runinfo.checkpoint_step(workdir, which))
   calibrating = split == "val" and not folder and calibrate_split
 
   if classifier_dir is None:
@@ -371,11 +372,8 @@ def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
   writer.writeheader()
   writer.writerows(rows)
   workdir_lib.write_text_atomic(out_dir / "per_frame.csv", table.getvalue())
-  flat = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
-  flat.update(metrics["confusion"])
-  if skipped:
-    flat["skipped_files"] = ", ".join(pathlib.Path(f["file"]).name for f in skipped)
-  builder.write(out_dir / "report.html", flat | {"calibration": out["calibration"]})
+  builder.write(out_dir / "report.html", **report.evaluation_sections(out))
+  summaries.write_evaluation(workdir, out)  # the run's TensorBoard, beside training's
   out["output_dir"] = str(out_dir)
   return out
 

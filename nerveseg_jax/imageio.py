@@ -13,7 +13,7 @@ import re
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 # Overlay colours: green outline for the prediction, yellow for the ground truth.
@@ -134,12 +134,42 @@ def outline(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
   return m & ~inner
 
 
+def caption_band(rgb: np.ndarray, text: str) -> np.ndarray:
+  """Writes `text` in a darkened band across the top of an (H, W, 3) uint8 image.
+
+  PIL's built-in bitmap font (no font files needed), drawn at a size that grows with
+  the frame so it stays legible on large frames; on narrow frames the " | " parts go on
+  lines of their own. The frame keeps its size, so an overlay still lines up pixel for
+  pixel with its frame and mask.
+  """
+  rgb = np.array(rgb, dtype=np.uint8)
+  h, w = rgb.shape[:2]
+  font = ImageFont.load_default_imagefont()
+  width = lambda line: font.getbbox(line)[2] + 8
+  lines = [text] if width(text) <= w else text.split(" | ")
+  scale = max(1, min(round(w / 300), w // max(width(line) for line in lines)))
+  line_h = font.getbbox("Ag")[3] + 2
+  small = Image.new("L", (-(-w // scale), line_h * len(lines) + 4), 0)
+  draw = ImageDraw.Draw(small)
+  for i, line in enumerate(lines):
+    draw.text((4, 2 + i * line_h), line, fill=255, font=font)
+  band_h = min(h, small.height * scale)
+  ink = np.asarray(small.resize((small.width * scale, small.height * scale),
+                                Image.Resampling.NEAREST))[:band_h, :w] > 127
+  band = rgb[:band_h].astype(np.float32) * 0.3  # darkened, so any frame shows the text
+  band[ink] = 255.0
+  rgb[:band_h] = band.astype(np.uint8)
+  return rgb
+
+
 def overlay(image: np.ndarray, mask: np.ndarray | None = None,
-            truth: np.ndarray | None = None) -> np.ndarray:
+            truth: np.ndarray | None = None, caption: str | None = None) -> np.ndarray:
   """Draws mask outlines on a gray frame; returns (H, W, 3) uint8.
 
   The prediction is drawn in green with a light tint inside, the ground truth (when
-  given) as a yellow outline, so both stay visible where they overlap.
+  given) as a yellow outline, so both stay visible where they overlap. `caption` (see
+  postprocess.caption) is written across the top, so a frame judged empty never looks
+  like the raw frame.
   """
   gray = np.asarray(image)
   if gray.ndim == 3:
@@ -153,7 +183,8 @@ def overlay(image: np.ndarray, mask: np.ndarray | None = None,
     m = np.asarray(mask) != 0
     rgb[m] = 0.75 * rgb[m] + 0.25 * np.array(PRED_COLOR, np.float32)
     rgb[outline(m, thickness)] = PRED_COLOR
-  return np.clip(rgb, 0, 255).astype(np.uint8)
+  rgb = np.clip(rgb, 0, 255).astype(np.uint8)
+  return caption_band(rgb, caption) if caption else rgb
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -138,6 +138,12 @@ def apply(mask_prob: np.ndarray, presence: float, cal: Calibration) -> Decision:
   return Decision(mask.astype(np.uint8), True, area, bbox(mask))
 
 
+def caption(decision: bool, presence: float, dice: float | None = None) -> str:
+  """The one-line verdict written on an overlay: decision, presence and, with truth, Dice."""
+  text = f"{NERVE_FOUND if decision else NO_NERVE} | presence {100 * float(presence):.1f}%"
+  return text if dice is None else f"{text} | Dice {float(dice):.3f}"
+
+
 def dice_from_counts(intersection: np.ndarray, pred_area: np.ndarray,
                      truth_area: np.ndarray) -> np.ndarray:
   """Dice from pixel counts, empty-on-empty = 1 (the grid search's fast path).

@@ -28,7 +28,7 @@ import shutil
 import sys
 from typing import Any, Sequence
 
-from nerveseg_jax import imageio, inference, report
+from nerveseg_jax import imageio, inference, postprocess, report
 from nerveseg_jax import xla_flags
 from nerveseg_jax import workdir as workdir_lib
 
@@ -149,7 +149,8 @@ def predict_path(predictor: inference.Predictor, images: str | pathlib.Path,
     for frame, result in _predict_chunk(predictor, frames, frame_names, frame_paths, failed):
       imageio.write_png(output / "masks" / f"{result.name}.png", imageio.mask_png(result.mask))
       imageio.write_png(output / "overlays" / f"{result.name}.png",
-                        imageio.overlay(frame, result.mask))
+                        imageio.overlay(frame, result.mask, caption=postprocess.caption(
+                            result.decision, result.presence)))
       builder.add(result.name, frame, result.mask, result.presence, result.decision)
       rows.append((result.name, result.rle()))
       found += result.decision
@@ -175,7 +176,8 @@ def predict_path(predictor: inference.Predictor, images: str | pathlib.Path,
       pipeline=predictor.describe(), calibration=predictor.calibration.to_dict(),
       frames=frames_out)
   builder.write(output / "report.html", {k: v for k, v in summary.items()
-                                         if not isinstance(v, (list, dict))})
+                                         if not isinstance(v, (list, dict))},
+                calibration=summary["calibration"])
   workdir_lib.write_text_atomic(output / "summary.json", json.dumps(summary, indent=2) + "\n")
   return summary
 

@@ -105,7 +105,9 @@ class ReportBuilder:
     want_grid = len(self._grid) < self.grid_size
     want_worst = dice is not None and (len(self._worst) < self.extremes
                                        or dice < self._worst[-1].dice)
-    want_best = dice is not None and truth is not None and np.any(truth) and (
+    # Best: frames with a nerve that was found at least in part, so that the section
+    # never fills with Dice 0 frames when few nerves were found.
+    want_best = dice is not None and dice > 0 and truth is not None and np.any(truth) and (
         len(self._best) < self.extremes or dice > self._best[-1].dice)
     if not (want_grid or want_worst or want_best):
       return  # render only what is shown
@@ -139,14 +141,28 @@ class ReportBuilder:
     figures = "".join(self._figure(t) for t in thumbs)
     return f'<h2>{html.escape(heading)}</h2>{note}<div class="grid">{figures}</div>'
 
-  def render(self, summary: dict[str, Any] | None = None) -> str:
-    """The page as a string."""
-    rows = "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
-        for k, v in (summary or {}).items())
+  def render(self, summary: dict[str, Any] | None = None, *,
+             about: dict[str, Any] | None = None,
+             calibration: dict[str, Any] | None = None,
+             compare: dict[str, dict[str, Any]] | None = None) -> str:
+    """The page as a string.
+
+    Args:
+      summary: further facts, one table row each.
+      about: what was evaluated (run, checkpoint step, split ...), shown first.
+      calibration: the post-processing settings used (Calibration.to_dict()).
+      compare: metrics (evaluate.summarize's dict) by column name, side by side,
+        e.g. {"uncalibrated": ..., "calibrated": ...}.
+    """
     parts = [f"<h1>{html.escape(self.title)}</h1>"]
-    if rows:
-      parts.append(f"<table>{rows}</table>")
+    if about:
+      parts.append(_table(about, "about"))
+    if compare:
+      parts.append("<h2>Metrics</h2>" + _compare_table(compare))
+    if calibration:
+      parts.append("<h2>Post-processing settings used</h2>" + _calibration_table(calibration))
+    if summary:
+      parts.append(("<h2>Details</h2>" if about or compare else "") + _table(summary))
     legend = ("Green: predicted mask outline. Yellow: ground-truth outline."
               if self._dice else "Green: predicted mask outline.")
     parts.append(f"<p class='legend'>{legend}</p>")
@@ -159,7 +175,11 @@ class ReportBuilder:
           "<p class='legend'>Green: frames with a nerve; grey: frames without "
           "(Dice 1 when both prediction and truth are empty, else 0).</p>")
       parts.append(self._section("Worst frames", self._worst))
-      parts.append(self._section("Best frames with a nerve", self._best))
+      if self._best:
+        parts.append(self._section("Best frames with a nerve", self._best))
+      elif any(self._nerve):
+        parts.append("<h2>Best frames with a nerve</h2><p>None: no frame with a nerve "
+                     "has a Dice above 0.</p>")
     shown = len(self._grid)
     parts.append(self._section(
         "Overlays", self._grid,
@@ -169,12 +189,89 @@ class ReportBuilder:
             f"<title>{html.escape(self.title)}</title><style>{_CSS}</style></head>"
             f"<body>{body}</body></html>\n")
 
-  def write(self, path: str | pathlib.Path, summary: dict[str, Any] | None = None
-            ) -> pathlib.Path:
+  def write(self, path: str | pathlib.Path, summary: dict[str, Any] | None = None,
+            **sections: Any) -> pathlib.Path:
+    """Writes the page (see render for `sections`)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    workdir_lib.write_text_atomic(path, self.render(summary))
+    workdir_lib.write_text_atomic(path, self.render(summary, **sections))
     return path
+
+
+# What each calibration setting does, in the words of postprocess.apply.
+_CALIBRATION_ROWS = (
+    ("mask_threshold", "Mask threshold", "a pixel is nerve when its probability is above this"),
+    ("presence_threshold", "Presence threshold",
+     "a nerve is reported only when the presence probability is above this "
+     "(0: the mask area alone decides)"),
+    ("min_area", "Minimum area", "smaller masks are reported as no nerve (pixels)"),
+    ("largest_component", "Largest region only",
+     "keep only the largest connected region of the mask"),
+)
+_METRIC_ROWS = (
+    ("kaggle_score", "Kaggle score (mean Dice, empty on empty = 1)"),
+    ("dice_nerve_frames", "Dice on frames with a nerve"),
+    ("presence_precision", "Presence precision"),
+    ("presence_recall", "Presence recall"),
+)
+_CONFUSION_ROWS = ("true_positive", "false_positive", "false_negative", "true_negative")
+
+
+def _table(rows: dict[str, Any], cls: str = "") -> str:
+  body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
+                 for k, v in rows.items())
+  return f"<table class='{cls}'>{body}</table>" if cls else f"<table>{body}</table>"
+
+
+def _calibration_table(cal: dict[str, Any]) -> str:
+  rows = []
+  for key, label, meaning in _CALIBRATION_ROWS:
+    if key in cal:
+      value = cal[key]
+      value = ("yes" if value else "no") if isinstance(value, bool) else _fmt(value)
+      rows.append(f"<tr><th>{html.escape(label)}</th><td>{html.escape(value)}</td>"
+                  f"<td class='note'>{html.escape(meaning)}</td></tr>")
+  rows += [f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td><td></td></tr>"
+           for k, v in cal.items() if k not in {r[0] for r in _CALIBRATION_ROWS}]
+  return ("<table class='calibration'><tr><th>setting</th><th>value</th><th>meaning</th>"
+          f"</tr>{''.join(rows)}</table>")
+
+
+def _compare_table(columns: dict[str, dict[str, Any]]) -> str:
+  head = "".join(f"<th>{html.escape(name)}</th>" for name in columns)
+  rows = []
+  for key, label in _METRIC_ROWS:
+    cells = "".join(f"<td>{html.escape(_fmt(m.get(key)))}</td>" for m in columns.values())
+    rows.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
+  for key in _CONFUSION_ROWS:
+    cells = "".join(f"<td>{html.escape(_fmt((m.get('confusion') or {}).get(key)))}</td>"
+                    for m in columns.values())
+    rows.append(f"<tr><th>{html.escape(key.replace('_', ' '))}</th>{cells}</tr>")
+  return f"<table class='compare'><tr><th></th>{head}</tr>{''.join(rows)}</table>"
+
+
+def evaluation_sections(out: dict[str, Any]) -> dict[str, Any]:
+  """The report's sections from evaluate.run's result: what was evaluated, the metrics
+  before and after calibration side by side, and the settings used."""
+  about = {"Run (workdir)": out["workdir"],
+           "Checkpoint": f"step {out.get('checkpoint_step', 'n/a')} ({out['checkpoint']})",
+           "Split": out["source"].removeprefix("split ")}
+  if out.get("classifier_workdir"):
+    about["Presence decided by"] = f"classifier {out['classifier_workdir']}"
+  if out.get("tta"):
+    about["Test-time augmentation"] = "horizontal flip"
+  if "before_calibration" in out:
+    first = "before" if out.get("classifier_workdir") else "uncalibrated (defaults)"
+    compare = {first: out["before_calibration"], "calibrated": out["metrics"]}
+  else:
+    compare = {out.get("calibration_source", "score"): out["metrics"]}
+  summary = {"frames": out["metrics"]["num_frames"],
+             "frames with a nerve": out["metrics"]["num_nerve_frames"]}
+  if "calibration_search" in out:
+    summary["calibration saved to"] = out["calibration_search"]["saved"]
+  if out.get("skipped"):
+    summary["skipped files"] = ", ".join(pathlib.Path(f["file"]).name for f in out["skipped"])
+  return dict(summary=summary, about=about, calibration=out["calibration"], compare=compare)
 
 
 def _fmt(v: Any) -> str:
@@ -194,4 +291,6 @@ th{background:#f4f4f4;font-weight:600}
 figure{margin:0;width:290px}figure img{width:100%;display:block;image-rendering:auto}
 figcaption{font-size:.8em;padding:.2em 0}
 .no{color:#777}.yes{color:#2e7d32}.legend{font-size:.85em;color:#555}
+.note{color:#555;font-size:.85em}.compare td{text-align:right;font-variant-numeric:tabular-nums}
+.about th{background:none}
 """

@@ -2,7 +2,8 @@
 
   python -m nerveseg_jax.serve --workdir DIR [--workdir DIR2 ...] \
       [--classifier_workdir DIR3] [--host 127.0.0.1] [--port 8000] \
-      [--max_upload_mb 20] [--max_pixels 16777216] [--tta] [--batch_size 1]
+      [--max_upload_mb 20] [--max_pixels 16777216] [--tta] [--batch_size 1] \
+      [--uncertain_margin 0.1]
 
 Loads the runs and compiles the jitted inference once, then prints
 "ready on http://HOST:PORT". Open that address in a browser, or use the API:
@@ -44,7 +45,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       "(raise it on an accelerator with many users)")
   p.add_argument("--which", choices=("best", "latest"), default="best",
                  help="checkpoint of each run")
+  p.add_argument("--uncertain_margin", type=float, default=0.1,
+                 help="the page marks a presence probability this close to the presence "
+                      "threshold as 'Uncertain' (0 to 0.5)")
   args = p.parse_args(argv)
+  if not 0.0 <= args.uncertain_margin <= 0.5:
+    p.error(f"--uncertain_margin must be in [0, 0.5], got {args.uncertain_margin}")
   if not 0 <= args.port <= 65535:
     p.error(f"--port must be in 0..65535, got {args.port}")
   if args.max_upload_mb <= 0:
@@ -104,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < args.max_pixels:
     Image.MAX_IMAGE_PIXELS = args.max_pixels
-  app = webapp.create_app(load, limits)
+  app = webapp.create_app(load, limits, uncertain_margin=args.uncertain_margin,
+                          which=args.which)
   if args.host not in _LOCAL_HOSTS:
     inference.log(f"warning: --host {args.host} serves the page beyond this machine, "
                   "with no log-in; put it behind an authenticating proxy")

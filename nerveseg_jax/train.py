@@ -28,6 +28,7 @@ from nerveseg_jax import checkpoint as ckpt_lib
 from nerveseg_jax import cli_flags
 from nerveseg_jax import metrics as metrics_lib
 from nerveseg_jax import sharding
+from nerveseg_jax import summaries
 from nerveseg_jax import train_state
 from nerveseg_jax import train_step
 from nerveseg_jax import xla_flags
@@ -219,6 +220,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str,
     start = int(start)
     writer = metric_writers.create_default_writer(
         str(workdir), just_logging=jax.process_index() > 0)
+    summaries.write_hparams(writer, config)
+    panel = (summaries.ValidationPanel(config, parts, val_arrays, mesh)
+             if val_arrays is not None and not classifier else None)
 
     # The data-iterator position saved with the checkpoint (one global batch per step).
     train_iter = pipeline.TrainIterator(train_arrays, int(config.batch_size), mesh,
@@ -256,6 +260,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str,
       values = metrics_lib.to_host(total.compute())
       values["images_per_sec"] = n / max(time.perf_counter() - t, 1e-9)
       writer.write_scalars(step, {f"val/{k}": v for k, v in values.items()})
+      if panel is not None:
+        panel.write(writer, step, state)
       if jax.process_index() == 0:
         workdir_lib.append_val_history(workdir, step, values)
       logging.info("step %d validation: %s", step,

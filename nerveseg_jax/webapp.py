@@ -43,7 +43,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nerveseg_jax import imageio, inference
+from nerveseg_jax import imageio, inference, runinfo
 
 STATIC_DIR = pathlib.Path(__file__).parent / "static"
 # Room for the multipart boundary and part headers around the file itself.
@@ -324,7 +324,8 @@ def _payload(frame: np.ndarray, result: inference.FramePrediction, filename: str
 
 
 def create_app(load: Callable[[], inference.Predictor] | inference.Predictor,
-               limits: Limits | None = None, *, warmup: bool = True) -> FastAPI:
+               limits: Limits | None = None, *, warmup: bool = True,
+               uncertain_margin: float = 0.1, which: str = "best") -> FastAPI:
   """The web app; loading starts with the app's lifespan (server start-up).
 
   Args:
@@ -332,8 +333,14 @@ def create_app(load: Callable[[], inference.Predictor] | inference.Predictor,
       /healthz answers 503 "loading" meanwhile).
     limits: upload limits.
     warmup: compile before reporting ready.
+    uncertain_margin: the page shows "Uncertain" beside the decision when the presence
+      probability is within this of the presence threshold.
+    which: the checkpoint the Predictor loaded ('best' or 'latest'), for /healthz.
   """
   limits = limits or Limits()
+  if not 0.0 <= uncertain_margin <= 0.5:
+    raise ValueError(f"--uncertain_margin must be in [0, 0.5], got {uncertain_margin}")
+  about: dict[str, Any] = {}  # runinfo.model_info of the first run, read once
   loader = load if callable(load) else (lambda: load)
   worker = InferenceWorker(loader, warmup=warmup)
 
@@ -404,6 +411,13 @@ def create_app(load: Callable[[], inference.Predictor] | inference.Predictor,
     body.update(workdirs=[str(w) for w in p.workdirs],
                 classifier_workdir=str(p.classifier_workdir) if p.classifier_workdir else None,
                 tta=p.tta, batch_size=p.batch_size, calibration=p.calibration.to_dict())
+    if not about:
+      try:
+        about.update(await run_in_threadpool(runinfo.model_info, p.workdirs[0], which))
+      except Exception as e:  # pylint: disable=broad-except
+        # A run that cannot be described must not make the server look down.
+        about.update(name=p.workdirs[0].name, error=f"{type(e).__name__}: {e}")
+    body.update(model=about, uncertain_margin=uncertain_margin)
     return body
 
   @app.post("/api/segment")

@@ -6,12 +6,14 @@ to the test's tmp dir and, when NERVESEG_ARTIFACTS is set, to that folder.
 """
 
 import csv
+import dataclasses
 import io
 import os
 import pathlib
 import shutil
 import threading
 import time
+import types
 
 import httpx
 import numpy as np
@@ -34,7 +36,7 @@ sync_api = pytest.importorskip(
 
 
 @pytest.fixture(scope="module")
-def server_url(calibrated_run):
+def server(calibrated_run):
   """A real uvicorn server on a free port, in a thread, with the calibrated smoke run."""
   import uvicorn
   # Limits small enough to test (a Kaggle frame, 420x580 and ~240 kB, still fits).
@@ -50,9 +52,14 @@ def server_url(calibrated_run):
     time.sleep(0.05)
   assert app.state.worker.state == "ready", app.state.worker.error
   port = server.servers[0].sockets[0].getsockname()[1]
-  yield f"http://127.0.0.1:{port}"
+  yield types.SimpleNamespace(url=f"http://127.0.0.1:{port}", app=app)
   server.should_exit = True
   thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def server_url(server):
+  return server.url
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +226,75 @@ def test_dropped_files_and_size_limits_each_get_their_own_card(page, smoke_run, 
   assert "2 could not be analysed" in page.locator("#summary").inner_text()
   assert page.locator("#download-csv").inner_text() == "Download CSV (1)"
   _save_artifact(page, tmp_path, "serve_page_limits.png")
+
+
+def _wait_card(page):
+  sync_api.expect(page.locator("#results .card.pending")).to_have_count(0, timeout=60_000)
+  return page.locator("#results .card").last
+
+
+def test_real_frame_names_the_model_flags_uncertainty_and_enlarges(page, server, shared_data,
+                                                                  calibrated_run, tmp_path):
+  """A real Kaggle frame: the header names the model; a presence near the threshold
+  reads "Uncertain" beside the decision; a click opens the frame large with an
+  outline-opacity control."""
+  frame = shared_data / "kaggle_subjects_1_2" / "train" / "1_1.tif"
+  with open(frame, "rb") as f:
+    presence = httpx.post(f"{server.url}/api/segment?images=false",
+                          files={"file": (frame.name, f)}).json()["presence"]
+  health = httpx.get(f"{server.url}/healthz").json()
+  margin = health["uncertain_margin"]
+  info = health["model"]
+  line = page.locator("#model-line").inner_text()
+  assert line.startswith(f"Model {calibrated_run.name} · checkpoint step {info['step']} · ")
+  assert f"validation Kaggle score {info['kaggle_score']:.3f}" in line
+  assert f"nerve-frame Dice {info['nerve_dice']:.3f}" in line
+  assert f"thresholds calibrated {info['calibrated_at']}" in line
+
+  predictor = server.app.state.worker.predictor
+  saved = predictor.calibration
+  try:
+    # A model whose threshold lies half a margin from this frame's presence.
+    near = presence + margin / 2 if presence < 0.5 else presence - margin / 2
+    predictor.calibration = dataclasses.replace(saved, presence_threshold=near)
+    page.reload()
+    page.wait_for_selector("#status.status-ready", timeout=60_000)
+    page.set_input_files("#file-input", [str(frame)])
+    card = _wait_card(page)
+    assert "uncertain" in card.get_attribute("class").split()
+    assert card.locator(".flag").is_visible() and card.locator(".flag").inner_text() == "Uncertain"
+    assert card.locator(".badge").inner_text() in ("Nerve found", "No nerve found")
+    assert "check the frame yourself" in card.locator(".uncertain-note").inner_text()
+    assert "1 uncertain" in page.locator("#summary").inner_text()
+    _save_artifact(page, tmp_path, "serve_page_uncertain.png")
+
+    # The enlarged view: the frame and its outline, the outline's opacity adjustable.
+    small = card.locator("img.overlay").bounding_box()["width"]
+    card.locator("img.overlay").click()
+    viewer = page.locator("#viewer")
+    sync_api.expect(viewer).to_be_visible()
+    assert page.locator("#viewer-title").inner_text() == "1_1.tif"
+    assert page.locator("#viewer-verdict").inner_text().startswith("Uncertain · ")
+    base = page.locator("#viewer-base")
+    assert base.evaluate("i => i.complete && i.naturalWidth") == 580
+    assert base.bounding_box()["width"] > 1.5 * small
+    overlay = page.locator("#viewer-overlay")
+    assert overlay.evaluate("i => getComputedStyle(i).opacity") == "1"
+    page.locator("#viewer-opacity").fill("30")
+    assert overlay.evaluate("i => getComputedStyle(i).opacity") == "0.3"
+    assert page.locator("#viewer-opacity-value").inner_text() == "30\u00a0%"
+    _save_artifact(page, tmp_path, "serve_page_enlarged.png")
+    page.keyboard.press("Escape")
+    sync_api.expect(viewer).to_be_hidden()
+
+    # Far from the threshold: the decision stands alone.
+    far = presence - 0.3 if presence >= 0.3 else presence + 0.3
+    predictor.calibration = dataclasses.replace(saved, presence_threshold=far)
+    page.reload()
+    page.wait_for_selector("#status.status-ready", timeout=60_000)
+    page.set_input_files("#file-input", [str(frame)])
+    card = _wait_card(page)
+    assert "uncertain" not in card.get_attribute("class").split()
+    assert card.locator(".flag").is_hidden()
+  finally:
+    predictor.calibration = saved

@@ -11,6 +11,7 @@
     maxUploadBytes: 20 * 1024 * 1024,
     presenceThreshold: null,  // the calibrated decision threshold, from /healthz
     minArea: 0,               // the calibrated minimum mask area (px), from /healthz
+    margin: 0,                // presence this close to the threshold is "Uncertain"
     ready: false,
     queue: [],      // {file, card} waiting to be sent
     active: 0,
@@ -39,6 +40,8 @@
         state.presenceThreshold = typeof threshold === "number" ? threshold : null;
         const minArea = body.calibration && body.calibration.min_area;
         state.minArea = typeof minArea === "number" ? minArea : 0;
+        state.margin = typeof body.uncertain_margin === "number" ? body.uncertain_margin : 0;
+        showModel(body.model || {}, body);
         setStatus("ready", "Model ready");
         pump();
         return;
@@ -53,6 +56,27 @@
       setStatus("error", "Server not reachable");
     }
     setTimeout(pollHealth, 1000);
+  }
+
+  // Which model answers, and how far to trust it: named in the header.
+  function showModel(m, health) {
+    const score = (x) => (typeof x === "number" ? x.toFixed(3) : "n/a");
+    const runs = (health.workdirs || []).length;
+    const parts = [`Model ${m.name || "?"}` + (runs > 1 ? ` (first of an ensemble of ${runs})` : "")];
+    if (typeof m.step === "number") parts.push(`checkpoint step ${m.step}`);
+    if (typeof m.kaggle_score === "number" || typeof m.nerve_dice === "number") {
+      parts.push(`validation Kaggle score ${score(m.kaggle_score)}`,
+                 `nerve-frame Dice ${score(m.nerve_dice)}`);
+    } else {
+      parts.push("no validation scores recorded");
+    }
+    parts.push(m.calibrated ? `thresholds calibrated ${m.calibrated_at}`
+                            : "thresholds not calibrated (defaults)");
+    if (health.classifier_workdir) parts.push(`presence decided by ${health.classifier_workdir}`);
+    const line = el("model-line");
+    line.textContent = parts.join(" · ");
+    line.title = m.scores_source ? `Scores: ${m.scores_source}` : (m.error || "");
+    line.hidden = false;
   }
 
   // --- adding files ----------------------------------------------------------------------
@@ -138,12 +162,26 @@
   function showResult(card, r) {
     if (!card.isConnected) return;  // cleared while it was being analysed
     const found = Boolean(r.nerve_found);
-    card.className = `card done ${found ? "found" : "none"}`;
+    // Near the cut-off the decision could as well have gone the other way: say so
+    // rather than show a confident verdict. (Threshold 0: presence does not decide.)
+    const uncertain = state.presenceThreshold > 0 &&
+      Math.abs(r.presence - state.presenceThreshold) <= state.margin + 1e-9;
+    card.className = `card done ${found ? "found" : "none"}${uncertain ? " uncertain" : ""}`;
     card.querySelector(".badge").textContent = r.message;
+    card.querySelector(".flag").hidden = !uncertain;
+    if (uncertain) {
+      const note = card.querySelector(".uncertain-note");
+      note.textContent = `Uncertain: within \u00b1${(100 * state.margin).toFixed(0)} points ` +
+        "of the threshold; check the frame yourself";
+      note.hidden = false;
+    }
     const png = (b64) => `data:image/png;base64,${b64}`;
     card.querySelector(".original").src = png(r.images.original);
     card.querySelector(".overlay").src = png(r.images.overlay);
     card.querySelector(".views").hidden = false;
+    for (const img of card.querySelectorAll(".views img")) {
+      img.addEventListener("click", () => openViewer(card, r));
+    }
 
     card.querySelector(".presence").textContent = `${r.presence_percent.toFixed(1)}\u00a0%`;
     card.querySelector(".meter-fill").style.width = `${clampPercent(r.presence_percent)}%`;
@@ -197,6 +235,9 @@
     if (failed) parts.push(`${failed} could not be analysed`);
     el("summary").textContent = parts.join(" · ");
     const selected = selectedResults().length;
+    el("research").hidden = cards === 0;
+    const uncertain = el("results").querySelectorAll(".card.uncertain").length;
+    if (uncertain) el("summary").textContent += ` · ${uncertain} uncertain`;
     const button = el("download-csv");
     button.disabled = selected === 0;
     button.textContent = `Download CSV (${selected})`;
@@ -204,6 +245,26 @@
 
   function selectedResults() {
     return state.results.filter((r) => r.card.isConnected && r.card.querySelector(".select").checked);
+  }
+
+  // --- the enlarged view ---------------------------------------------------------------
+
+  function openViewer(card, r) {
+    const png = (b64) => `data:image/png;base64,${b64}`;
+    el("viewer-title").textContent = card.querySelector(".filename").textContent;
+    const flag = card.classList.contains("uncertain") ? "Uncertain \u00b7 " : "";
+    el("viewer-verdict").textContent =
+      `${flag}${r.message} \u00b7 presence ${r.presence_percent.toFixed(1)}\u00a0%`;
+    el("viewer").className = `viewer ${card.className.replace(/\bcard\b|\bdone\b/g, "")}`;
+    el("viewer-base").src = png(r.images.original);
+    el("viewer-overlay").src = png(r.images.overlay);
+    setOpacity(el("viewer-opacity").value);
+    el("viewer").showModal();
+  }
+
+  function setOpacity(value) {
+    el("viewer-overlay").style.opacity = String(Number(value) / 100);
+    el("viewer-opacity-value").textContent = `${value}\u00a0%`;
   }
 
   // --- downloads -------------------------------------------------------------------------
@@ -269,6 +330,8 @@
     window.addEventListener("drop", (e) => e.preventDefault());
     el("download-csv").addEventListener("click", downloadCsv);
     el("clear").addEventListener("click", clearAll);
+    el("viewer-close").addEventListener("click", () => el("viewer").close());
+    el("viewer-opacity").addEventListener("input", (e) => setOpacity(e.target.value));
     pollHealth();
   }
 
