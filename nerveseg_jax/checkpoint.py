@@ -263,7 +263,7 @@ def merge_nested(a: Mapping, b: Mapping) -> dict:
   return out
 
 
-def _select_step(directory: pathlib.Path, which: str) -> int:
+def select_step(directory: pathlib.Path, which: str) -> int:
   if which not in ("best", "latest"):
     raise ValueError(f"which={which!r}: use 'best' or 'latest'")
   mngr = ocp.CheckpointManager(
@@ -305,7 +305,7 @@ def load_model(workdir: str | pathlib.Path, *, which: str = "best"
   workdir = as_path(workdir)
   config = workdir_lib.read_config(workdir)
   directory = workdir / CHECKPOINT_DIR
-  step = _select_step(directory, which)
+  step = select_step(directory, which)
   abstract = nnx.eval_shape(lambda: models.build_model(
       config.model, dtype=compute_dtype(config), rngs=nnx.Rngs(0)))
   graphdef, rng_state, params, rest = nnx.split(abstract, nnx.RngState, nnx.Param, ...)

@@ -13,6 +13,7 @@ import pathlib
 from typing import Any
 
 from nerveseg_jax import postprocess
+from nerveseg_jax import workdir as workdir_lib
 
 EVAL_METRICS = pathlib.Path("eval") / "metrics.json"
 
@@ -20,14 +21,13 @@ EVAL_METRICS = pathlib.Path("eval") / "metrics.json"
 def checkpoint_step(workdir: str | pathlib.Path, which: str = "best") -> int:
   """The step of the checkpoint that `which` ('best' or 'latest') loads."""
   from nerveseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  directory = checkpoint.as_path(workdir) / checkpoint.CHECKPOINT_DIR
-  return checkpoint._select_step(directory, which)  # pylint: disable=protected-access
+  directory = workdir_lib.as_path(workdir) / workdir_lib.CHECKPOINT_DIR
+  return checkpoint.select_step(directory, which)
 
 
 def _val_history_row(workdir: pathlib.Path, step: int) -> dict[str, Any] | None:
   """train's validation of `step` (val_history.jsonl), or None."""
-  from nerveseg_jax import train  # pylint: disable=g-import-not-at-top
-  return next((r for r in train.read_val_history(workdir) if int(r["step"]) == step), None)
+  return next((r for r in workdir_lib.read_val_history(workdir) if int(r["step"]) == step), None)
 
 
 def _utc(seconds: float) -> str:

@@ -12,7 +12,8 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from nerveseg_jax import postprocess, runinfo, serve, train, webapp
+from nerveseg_jax import postprocess, runinfo, serve, webapp
+from nerveseg_jax import workdir as workdir_lib
 
 
 def _workdir(tmp_path: pathlib.Path) -> pathlib.Path:
@@ -20,7 +21,7 @@ def _workdir(tmp_path: pathlib.Path) -> pathlib.Path:
   workdir.mkdir()
   (workdir / "config.json").write_text(json.dumps({"model": {"name": "unet"}}))
   for step, score, dice in ((100, 0.61, 0.40), (200, 0.70, 0.52), (300, 0.68, 0.55)):
-    train.append_val_history(workdir, step, {"kaggle_score": score, "nerve_dice": dice})
+    workdir_lib.append_val_history(workdir, step, {"kaggle_score": score, "nerve_dice": dice})
   return workdir
 
 
