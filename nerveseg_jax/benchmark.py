@@ -13,17 +13,22 @@ How to read the table: docs/performance.md.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import pathlib
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import jax
 import numpy as np
+
+from nerveseg_jax import cli
 from nerveseg_jax import xla_flags
 
 # Dense peak per device, TFLOP/s, by compute dtype. Matched against device_kind, most
@@ -142,9 +147,8 @@ def run(config, *, steps: int = 10, infer_batch: int = 16, workdir: str | None =
     if on_part is not None:
       on_part(out)
 
-  tx, schedule = train_state.make_optimizer(config)
-  parts = train_state.model_parts(config)
-  state, shardings = train_state.init_state(config, parts, tx, mesh)
+  s = train_state.setup(config, mesh)
+  tx, schedule, parts, state, shardings = s.tx, s.schedule, s.parts, s.state, s.shardings
   ctx: dict[str, Any] = {"state": state, "health": train_step.initial_health(mesh)}
 
   def train_steps(n: int, batches) -> float:
@@ -362,12 +366,40 @@ def write_json(r: dict[str, Any], path: str) -> None:
   workdir_lib.write_text_atomic(out, json.dumps(r, indent=2) + "\n")
 
 
-def main(argv: list[str]) -> None:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = cli.parser("nerveseg-benchmark",
+                 "Time a config's train step, input pipeline and inference on this "
+                 "machine's devices (synthetic data: no download, no TensorFlow).",
+                 "example:\n  nerveseg-benchmark --config unet --steps 20 --json bench.json")
+  cli.add_config(p)
+  p.add_argument("--json", default=None, help="also write the results as JSON here "
+                 "(rewritten after each measurement, so a killed run keeps what it measured)")
+  p.add_argument("--steps", type=int, default=10, help="timed train steps (after one warm step)")
+  p.add_argument("--infer_batch", type=int, default=16,
+                 help="batch for the inference frames/s figure")
+  p.add_argument("--latency_iters", type=int, default=50,
+                 help="timed batch-1 calls (for p50 and p95)")
+  cli.add_workdir(p, required=False, help_text="a trained run to time inference with "
+                  "(default: the benchmark's own initial weights)")
+  cli.add_bool(p, "train", True, "measure the train step (compile, images/s, MFU)")
+  cli.add_bool(p, "pipeline", True, "measure input goodput")
+  p.add_argument("--pipeline_data", choices=("synthetic", "config"), default="synthetic",
+                 help="synthetic: --frames frames made in memory, held on device (no "
+                      "TensorFlow); config: the config's data set (TFDS)")
+  p.add_argument("--frames", type=int, default=KAGGLE_TRAIN_FRAMES,
+                 help="synthetic set size (pipeline, fold)")
+  cli.add_bool(p, "inference", True, "measure inference latency and throughput")
+  cli.add_bool(p, "fold", False, "time a short fold-0 run and extrapolate the config's "
+               "5-fold cross-validation")
+  p.add_argument("--fold_steps", type=int, default=100, help="train steps of the short fold run")
+  cli.add_bool(p, "keep_going", False, "record a failing measurement and run the rest")
+  return cli.parse(p, argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
   xla_flags.configure()  # before anything starts JAX
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
-  f = flags.FLAGS
+  f = parse_args(argv)
+  f.config.lock()
   on_part = (lambda r: write_json(r, f.json)) if f.json else None
   r = run(f.config, steps=f.steps, infer_batch=f.infer_batch, workdir=f.workdir,
           train=f.train, pipeline=f.pipeline, pipeline_data=f.pipeline_data, frames=f.frames,
@@ -377,36 +409,14 @@ def main(argv: list[str]) -> None:
   if f.json:
     print(f"wrote {f.json}")
   if r["errors"]:
-    raise SystemExit(f"error: {len(r['errors'])} measurement(s) failed: "
-                     f"{', '.join(r['errors'])}")
+    raise ValueError(f"{len(r['errors'])} measurement(s) failed: {', '.join(r['errors'])}")
+  return 0
 
 
-def _define_flags() -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "config file[:variant]", lock_config=True)
-  flags.mark_flags_as_required(["config"])
-  flags.DEFINE_string("json", None, "also write the results as JSON here (rewritten after "
-                      "each measurement, so a killed run keeps what it measured)")
-  flags.DEFINE_integer("steps", 10, "timed train steps (after one warm step)")
-  flags.DEFINE_integer("infer_batch", 16, "batch for the inference frames/s figure")
-  flags.DEFINE_integer("latency_iters", 50, "timed batch-1 calls (for p50 and p95)")
-  flags.DEFINE_string("workdir", None, "a trained run to time inference with (default: "
-                      "the benchmark's own initial weights)")
-  flags.DEFINE_bool("train", True, "measure the train step (compile, images/s, MFU)")
-  flags.DEFINE_bool("pipeline", True, "measure input goodput")
-  flags.DEFINE_enum("pipeline_data", "synthetic", ["synthetic", "config"],
-                    "synthetic: --frames frames made in memory, held on device (no "
-                    "TensorFlow); config: the config's data set (TFDS)")
-  flags.DEFINE_integer("frames", KAGGLE_TRAIN_FRAMES, "synthetic set size (pipeline, fold)")
-  flags.DEFINE_bool("inference", True, "measure inference latency and throughput")
-  flags.DEFINE_bool("fold", False, "time a short fold-0 run and extrapolate the config's "
-                    "5-fold cross-validation")
-  flags.DEFINE_integer("fold_steps", 100, "train steps of the short fold run")
-  flags.DEFINE_bool("keep_going", False, "record a failing measurement and run the rest")
+def run_cli() -> None:
+  """Console-script entry (`nerveseg-benchmark`)."""
+  sys.exit(cli.run(main))
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  _define_flags()
-  app.run(main)
+  run_cli()

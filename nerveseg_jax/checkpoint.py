@@ -28,6 +28,8 @@ from orbax.checkpoint import checkpoint_managers as ocm
 from nerveseg_jax import workdir as workdir_lib
 from nerveseg_jax.workdir import CHECKPOINT_DIR, CheckpointMismatchError, as_path
 
+log = logging.getLogger(__name__)
+
 
 def _metric_or_neg_inf(metrics: Mapping[str, Any], key: str) -> float:
   value = metrics.get(key) if metrics else None
@@ -136,7 +138,7 @@ class TrainCheckpointer:
     step, self._pending = self._pending, None
     if not (self.directory / str(step)).exists():
       raise OSError(errno.EIO, "the checkpoint was not committed", str(self.directory / str(step)))
-    logging.info("saved checkpoint step %d", step)
+    log.info("saved checkpoint step %d", step)
     if self._on_saved is not None:
       self._on_saved(step)
 
@@ -251,7 +253,7 @@ def load_init_from(path: str | pathlib.Path, expected: Mapping[str, Any]) -> dic
     raise CheckpointMismatchError(
         f"init_from={path}: no key of the checkpoint matches the model (checkpoint keys "
         f"start {sorted(src)[:3]}, model keys {[path_str(k) for k, _ in flat_exp[:3]]})")
-  logging.info("init_from %s: %d of %d arrays restored", path, len(out), len(flat_exp))
+  log.info("init_from %s: %d of %d arrays restored", path, len(out), len(flat_exp))
   return out
 
 
@@ -306,9 +308,8 @@ def load_model(workdir: str | pathlib.Path, *, which: str = "best"
   config = workdir_lib.read_config(workdir)
   directory = workdir / CHECKPOINT_DIR
   step = select_step(directory, which)
-  abstract = nnx.eval_shape(lambda: models.build_model(
-      config.model, dtype=compute_dtype(config), rngs=nnx.Rngs(0)))
-  graphdef, rng_state, params, rest = nnx.split(abstract, nnx.RngState, nnx.Param, ...)
+  m = models.abstract_split(config, seed=0)
+  graphdef, rng_state, params, rest = m.graphdef, m.rng, m.params, m.rest
   expected = {"params": params.to_pure_dict(), "rest": rest.to_pure_dict()}
   path = directory / str(step) / "state"
   saved = tree_metadata(path)
@@ -322,7 +323,7 @@ def load_model(workdir: str | pathlib.Path, *, which: str = "best"
     part.replace_by_pure_dict(unflatten_like(part.to_pure_dict(), sub, str(path)))
   model = nnx.merge(graphdef, rngs, params, rest)
   model.eval()
-  logging.info("loaded %s step %d (%s)", workdir, step, which)
+  log.info("loaded %s step %d (%s)", workdir, step, which)
   return config, model
 
 
@@ -332,11 +333,3 @@ def _concrete_rng_leaf(s: Any) -> Any:
   if jnp.issubdtype(s.dtype, jax.dtypes.prng_key):
     return jax.random.key(0) if not s.shape else jax.random.split(jax.random.key(0), s.shape)
   return jnp.zeros(s.shape, s.dtype)
-
-
-def compute_dtype(config: ml_collections.ConfigDict):
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  name = str(config.get("dtype", "float32"))
-  if name not in ("float32", "bfloat16"):
-    raise ValueError(f"config key dtype={name!r}: use float32 or bfloat16")
-  return jnp.dtype(name)

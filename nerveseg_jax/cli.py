@@ -215,7 +215,9 @@ def parser(prog: str, description: str, epilog: str = "") -> argparse.ArgumentPa
 def add_config(p: argparse.ArgumentParser, *, required: bool = True,
                help_text: str = "config by name or path, with variants: "
                                 "unet:synthetic, configs/unet.py:folder,cpu") -> None:
-  p.add_argument("--config", required=False, default=None, help=help_text)
+  p.add_argument("--config", required=False, default=None,
+                 help=help_text + "; then --config.KEY=VALUE sets any key "
+                                  "(e.g. --config.batch_size=16)")
   p.set_defaults(_config_required=required)
 
 
@@ -226,6 +228,14 @@ def add_workdir(p: argparse.ArgumentParser, *, multiple: bool = False, required:
                    help=help_text or "a trained run (repeat to ensemble several)")
   else:
     p.add_argument("--workdir", required=required, help=help_text or "the run's directory")
+
+
+def add_bool(p: argparse.ArgumentParser, name: str, default: bool, help_text: str) -> None:
+  """--NAME and --noNAME (absl's spelling, which scripts already use)."""
+  group = p.add_mutually_exclusive_group()
+  group.add_argument(f"--{name}", dest=name, action="store_true", default=default,
+                     help=f"{help_text} (default: {'on' if default else 'off'})")
+  group.add_argument(f"--no{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
 
 
 def add_inference(p: argparse.ArgumentParser, *, batch_size: int | None = 8,
@@ -252,6 +262,7 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Na
   args = p.parse_args(rest)
   setup_logging(args.verbosity)
   args.config_arg = getattr(args, "config", None) or ""
+  args.overrides = overrides
   if hasattr(args, "_config_required"):
     if args.config or args._config_required or overrides:
       try:

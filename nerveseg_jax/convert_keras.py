@@ -19,17 +19,17 @@ feeds a 1-channel model: the stem kernel is summed over RGB (here with --in_chan
 or by `init_from` at load time).
 """
 
-import argparse
 import pathlib
 import sys
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from nerveseg_jax import cli, xla_flags
 from nerveseg_jax.models import keras_import
-from nerveseg_jax import xla_flags
 
 
 def convert(h5: str | pathlib.Path, out: str | pathlib.Path, *, in_channels: int = 3
@@ -48,22 +48,22 @@ def convert(h5: str | pathlib.Path, out: str | pathlib.Path, *, in_channels: int
   return dict(arrays=len(leaves), values=int(sum(a.size for a in leaves)), out=str(out))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   xla_flags.configure()  # before anything starts JAX
-  p = argparse.ArgumentParser(
-      prog="python -m nerveseg_jax.convert_keras",
-      description="Convert Keras Inception-ResNet-v2 (no-top) weights to an Orbax "
-                  "checkpoint for --config.init_from.")
+  p = cli.parser("nerveseg-convert-keras",
+                 "Convert Keras Inception-ResNet-v2 (no-top) weights to an Orbax "
+                 "checkpoint for --config.init_from.",
+                 "example:\n  nerveseg-convert-keras --h5 inception_resnet_v2_weights_tf_dim_"
+                 "ordering_tf_kernels_notop.h5 --out ~/irv2_imagenet_notop")
   p.add_argument("--h5", required=True, help="legacy .h5 or Keras 3 .weights.h5 file")
   p.add_argument("--out", required=True, help="new directory for the Orbax checkpoint")
   p.add_argument("--in_channels", type=int, choices=(1, 3), default=3,
                  help="3 keeps the RGB stem; 1 sums it over RGB for gray input")
-  a = p.parse_args(argv)
+  a = cli.parse(p, argv)
   try:
     summary = convert(a.h5, a.out, in_channels=a.in_channels)
-  except (keras_import.KerasImportError, FileNotFoundError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except keras_import.KerasImportError as e:
+    raise ValueError(str(e)) from None
   print(f"wrote {summary['out']}: InceptionResNetV2 no-top, in_channels={a.in_channels}, "
         f"{summary['arrays']} arrays, {summary['values']:,} values (params + batch-norm "
         f"statistics) from {a.h5}")
@@ -71,5 +71,10 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
+def run_cli() -> None:
+  """Console-script entry (`nerveseg-convert-keras`)."""
+  sys.exit(cli.run(main))
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  run_cli()

@@ -40,7 +40,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from nerveseg_jax import imageio, inference, postprocess, report, rle, runinfo, summaries
+from nerveseg_jax import cli, imageio, inference, postprocess, report, rle, runinfo, summaries
 from nerveseg_jax import workdir as workdir_lib
 from nerveseg_jax.postprocess import Calibration
 from nerveseg_jax import xla_flags
@@ -407,53 +407,41 @@ def format_table(out: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m nerveseg_jax.evaluate",
-                              description=__doc__.split("\n\n")[0])
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--config", default=None,
-                 help="config file[:variant], overriding WORKDIR/config.json")
-  p.add_argument("--split", choices=SPLITS, default="val")
-  p.add_argument("--folder", default=None, help="a labelled folder instead of a split")
-  p.add_argument("--tta", action="store_true")
-  p.add_argument("--batch_size", type=int, default=None)
-  p.add_argument("--which", choices=("best", "latest"), default="best")
+  p = cli.parser("nerveseg-evaluate", __doc__.split("\n\n")[0],
+                 "unlabelled frames (the Kaggle test set, your own frames): use nerveseg-predict.\n"
+                 "example:\n  nerveseg-evaluate --workdir runs/unet_synthetic --tta")
+  cli.add_workdir(p, help_text="the trained run to score")
+  cli.add_config(p, required=False, help_text="config by name or path[:variant], "
+                 "overriding WORKDIR/config.json (e.g. to point at other data)")
+  p.add_argument("--split", choices=SPLITS, default="val",
+                 help="which labelled frames of the run's data set to score")
+  p.add_argument("--folder", default=None,
+                 help="a labelled folder (images/ and masks/) instead of a split")
+  cli.add_inference(p, batch_size=None, classifier=False)
   p.add_argument("--classifier_workdir", default=None,
                  help="evaluate the two-stage pipeline: this classifier run decides "
                       "presence; on the validation split its presence threshold is "
                       "calibrated and saved to CLASSIFIER_WORKDIR/calibration.json")
   p.add_argument("--no_calibrate", action="store_true",
                  help="on the validation split, score the saved calibration instead")
-  return p.parse_args(argv)
-
-
-def _config_from_file(spec: str):
-  """Loads `path/to/config.py[:arg]` by calling its get_config(arg)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path, _, arg = spec.partition(":")
-  file = pathlib.Path(path).expanduser()
-  if not file.exists():
-    raise FileNotFoundError(f"--config {path}: no such file")
-  module_spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  return cli.parse(p, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   xla_flags.configure()  # before anything starts JAX
   args = parse_args(argv)
-  try:
-    config = _config_from_file(args.config) if args.config else None
-    out = run(args.workdir, config=config, split=args.split, folder=args.folder,
-              tta=args.tta, batch_size=args.batch_size, which=args.which,
-              calibrate_split=not args.no_calibrate,
-              classifier_workdir=args.classifier_workdir)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  out = run(args.workdir, config=args.config, split=args.split, folder=args.folder,
+            tta=args.tta, batch_size=args.batch_size, which=args.which,
+            calibrate_split=not args.no_calibrate,
+            classifier_workdir=args.classifier_workdir)
   print(format_table(out))
   return 1 if out.get("skipped") else 0
 
 
+def run_cli() -> None:
+  """Console-script entry (`nerveseg-evaluate`)."""
+  sys.exit(cli.run(main))
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  run_cli()

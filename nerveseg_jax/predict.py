@@ -28,7 +28,7 @@ import shutil
 import sys
 from typing import Any, Sequence
 
-from nerveseg_jax import imageio, inference, postprocess, report
+from nerveseg_jax import cli, imageio, inference, postprocess, report
 from nerveseg_jax import xla_flags
 from nerveseg_jax import workdir as workdir_lib
 
@@ -196,43 +196,43 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m nerveseg_jax.predict",
-                              description=__doc__.split("\n\n")[0])
-  p.add_argument("--workdir", action="append", required=True,
-                 help="segmentation run; repeat to ensemble")
-  p.add_argument("--classifier_workdir", default=None,
-                 help="classifier run that decides nerve presence")
+  p = cli.parser("nerveseg-predict", __doc__.split("\n\n")[0],
+                 "example:\n  nerveseg-predict --workdir runs/unet --images ~/kaggle/test "
+                 "--output out/\n  -> out/submission.csv, out/masks/, out/overlays/, "
+                 "out/report.html, out/summary.json")
+  cli.add_workdir(p, multiple=True, help_text="segmentation run; repeat to ensemble")
   p.add_argument("--images", required=True, help="a folder of frames or one frame")
-  p.add_argument("--output", required=True, help="output folder (empty or new)")
+  p.add_argument("--output", required=True,
+                 help="output FOLDER (empty or new); submission.csv is written inside it")
   p.add_argument("--overwrite", action="store_true",
                  help="replace the results of an earlier predict in --output "
                       f"({', '.join(OUTPUTS)}); other files there are kept")
-  p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
-  p.add_argument("--batch_size", type=int, default=8)
-  p.add_argument("--which", choices=("best", "latest"), default="best",
-                 help="checkpoint of each run")
-  return p.parse_args(argv)
+  cli.add_inference(p)
+  return cli.parse(p, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   xla_flags.configure()  # before anything starts JAX
   args = parse_args(argv)
-  try:
-    paths, _ = imageio.list_inputs(args.images)
-    if not paths:
-      print(f"error: --images {args.images}: no tif/png/jpg frames found", file=sys.stderr)
-      return 2
-    check_output(args.output, args.overwrite)  # before the models load: a quick refusal
-    predictor = inference.Predictor(args.workdir, args.classifier_workdir, tta=args.tta,
-                                    batch_size=args.batch_size, which=args.which)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if pathlib.Path(args.output).suffix.lower() == ".csv":
+    raise ValueError(f"--output {args.output}: give a folder; predict writes "
+                     "submission.csv (and masks/, overlays/, report.html) inside it")
+  paths, _ = imageio.list_inputs(args.images)
+  if not paths:
+    raise FileNotFoundError(f"--images {args.images}: no tif/png/jpg frames found")
+  check_output(args.output, args.overwrite)  # before the models load: a quick refusal
+  predictor = inference.Predictor(args.workdir, args.classifier_workdir, tta=args.tta,
+                                  batch_size=args.batch_size, which=args.which)
   inference.log(predictor.describe())
   summary = predict_path(predictor, args.images, args.output, overwrite=args.overwrite)
   print(format_summary(summary))
   return 1 if summary["failed"] else 0
 
 
+def run_cli() -> None:
+  """Console-script entry (`nerveseg-predict`)."""
+  sys.exit(cli.run(main))
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  run_cli()

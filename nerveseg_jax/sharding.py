@@ -18,6 +18,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nerveseg_jax import compat
 
+log = logging.getLogger(__name__)
+
 BATCH_AXES = ("data", "fsdp")
 _initialized = False
 
@@ -66,7 +68,7 @@ def maybe_initialize_distributed() -> bool:
   timeout = int(os.environ.get("NERVESEG_INIT_TIMEOUT", "300"))
   jax.distributed.initialize(initialization_timeout=timeout, **kwargs)
   _initialized = True
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+  log.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   return True

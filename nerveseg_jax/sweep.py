@@ -25,6 +25,7 @@ the network's resolution; ``--evaluate`` also scores each run's last checkpoint 
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib.util
 import json
@@ -35,13 +36,16 @@ import pathlib
 import re
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 
-from nerveseg_jax import cli_flags
+from nerveseg_jax import cli
 from nerveseg_jax import xla_flags
 from nerveseg_jax import workdir as workdir_lib
+
+log = logging.getLogger("nerveseg_jax.sweep")
 
 RESULT_FILE = "sweep_result.json"
 # train's validation metrics are at the network's resolution; evaluate's, at the frames'
@@ -188,7 +192,7 @@ def run_one(config: ml_collections.ConfigDict, run: dict[str, Any], workdir,
       raise SweepError(f"{where}: {result_path} is unreadable ({e}); delete it to redo "
                        "the run's bookkeeping (its checkpoint is kept)") from None
     if done.get("status") in ("ok", "diverged"):
-      logging.info("%s: finished earlier, read from %s", where, result_path)
+      log.info("%s: finished earlier, read from %s", where, result_path)
       # Scored again: the metric may differ from the one of the first reading.
       done.update(score(done.get("val_history", []), metric))
       if at_source_size and done["status"] == "ok":
@@ -321,7 +325,7 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any], workdir,
     planned.append((run, cfg, where))
   summaries: list[dict[str, Any]] = []
   for run, cfg, where in planned:
-    logging.info("%s (%d of %d)", where, len(summaries) + 1, len(planned))
+    log.info("%s (%d of %d)", where, len(summaries) + 1, len(planned))
     summaries.append(run_one(cfg, run, workdir / run["name"], metric, where,
                              at_source_size=at_source_size))
     if _is_writer():
@@ -334,43 +338,48 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any], workdir,
   return summaries, metric
 
 
-def main(argv: list[str]) -> None:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = cli.parser(
+      "nerveseg-sweep", "Train one config under a list of overrides, one run after "
+      "another, and rank them by validation (re-running resumes).",
+      "example:\n  nerveseg-sweep --config unet:folder --sweep configs/sweeps/real_subset.py "
+      "\\\n      --config.data.manual_dir=~/frames --evaluate")
+  cli.add_config(p)
+  cli.add_workdir(p, required=False,
+                  help_text="where the runs go (default ./runs/sweep_<sweep file>)")
+  p.add_argument("--sweep", required=True, help="configs/sweeps/<name>.py[:arg]")
+  p.add_argument("--evaluate", action="store_true",
+                 help="also score each run at the frames' own size with evaluate "
+                      "(uncalibrated), and rank by that")
+  p.add_argument("--metric", default="",
+                 help="validation metric to rank by (default: the sweep file's, else the "
+                      "one train keeps the best checkpoint by)")
+  return cli.parse(p, argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
   xla_flags.configure()  # before anything starts JAX
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
-  fl = flags.FLAGS
-  path, _, arg = fl.sweep.partition(":")
+  args = parse_args(argv)
+  path, _, arg = args.sweep.partition(":")
   # A string, not pathlib: gs://bucket/sweep must keep its double slash.
-  workdir = fl.workdir or str(pathlib.Path("runs") / f"sweep_{pathlib.Path(path).stem}")
-  cli = {k: get_key(fl.config, k) for k in cli_flags.override_keys(sys.argv)}
+  workdir = args.workdir or str(pathlib.Path("runs") / f"sweep_{pathlib.Path(path).stem}")
+  overrides = {k: get_key(args.config, k) for k, _ in args.overrides}
   try:
     sweep = load_sweep(path, arg)
-    summaries, metric = run_sweep(fl.config, sweep, workdir, fl.metric or None,
-                                  title=f"sweep {fl.sweep}", overrides=cli,
-                                  at_source_size=fl.evaluate)
+    summaries, metric = run_sweep(args.config, sweep, workdir, args.metric or None,
+                                  title=f"sweep {args.sweep}", overrides=overrides,
+                                  at_source_size=args.evaluate)
   except Preempted as e:
     print(f"preempted in {e}: run the same command again to resume the sweep")
-    raise SystemExit(143) from None  # 128 + SIGTERM, as train does, for requeueing
-  except (ValueError, FileNotFoundError) as e:  # SweepError is a ValueError
-    logging.debug("traceback", exc_info=True)
-    raise SystemExit(f"error: {e}") from None
+    return 143  # 128 + SIGTERM, as train does, for requeueing
   if _is_writer():
-    print(render_table(summaries, metric, f"# sweep {fl.sweep}"))
+    print(render_table(summaries, metric, f"# sweep {args.sweep}"))
+  return 0
 
 
 def run() -> None:
   """Console-script entry (`nerveseg-sweep`)."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  cli_flags.define_flags()  # --config (with overrides), --workdir
-  flags.mark_flag_as_required("config")
-  flags.DEFINE_string("sweep", None, "configs/sweeps/<name>.py[:arg]", required=True)
-  flags.DEFINE_bool("evaluate", False, "also score each run at the frames' own size with "
-                    "`evaluate` (uncalibrated), and rank by that")
-  flags.DEFINE_string("metric", "", "validation metric to rank by (default: the sweep "
-                      "file's, else the one train keeps the best checkpoint by)")
-  logging.getLogger().setLevel(logging.INFO)
-  app.run(main, flags_parser=cli_flags.parse_flags)
+  sys.exit(cli.run(main))
 
 
 if __name__ == "__main__":

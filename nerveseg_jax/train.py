@@ -9,15 +9,17 @@ different number of devices, follows the same trajectory.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import hashlib
 import logging
+import os
 import pathlib
 import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -25,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from nerveseg_jax import checkpoint as ckpt_lib
-from nerveseg_jax import cli_flags
+from nerveseg_jax import cli
 from nerveseg_jax import metrics as metrics_lib
 from nerveseg_jax import sharding
 from nerveseg_jax import summaries
@@ -35,6 +37,7 @@ from nerveseg_jax import xla_flags
 from nerveseg_jax import workdir as workdir_lib
 
 _BATCH_KEYS = train_step.BATCH_KEYS
+log = logging.getLogger("nerveseg_jax.train")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -104,12 +107,12 @@ def _log_compiled(name: str, compiled, seconds: float, writer) -> None:
             f"{gib(mem.output_size_in_bytes):.3f} GiB, temporaries "
             f"{gib(mem.temp_size_in_bytes):.3f} GiB, aliased "
             f"{gib(mem.alias_size_in_bytes):.3f} GiB")
-  logging.info(msg)
+  log.info(msg)
   writer.write_texts(0, {f"compile/{name}": msg})
 
 
 def _meta(config, step: int, metrics: Mapping[str, float] | None, best_metric: str) -> dict:
-  return {"step": int(step), "seed": int(config.seed), "data_step": int(step),
+  return {"step": int(step), "seed": int(config.seed),
           "model": workdir_lib.config_to_dict(config)["model"], "best_metric": best_metric,
           "metrics": dict(metrics or {})}
 
@@ -164,219 +167,264 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     raise WorkdirError(message) from e
 
 
+def due(step: int, every: int, total: int) -> bool:
+  """Is it time for a periodic action at `step` (every N steps, and at the last)?"""
+  return step == total or (every > 0 and step % every == 0)
+
+
+def evaluate_fold(eval_step, state, arrays, batch_size: int, mesh) -> dict[str, float]:
+  """The metrics of `state` on every frame of `arrays` (the validation fold)."""
+  from nerveseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  t = time.perf_counter()
+  total, n = None, 0
+  for batch in pipeline.eval_batches(arrays, batch_size, mesh):
+    m = eval_step(state, {k: batch[k] for k in (*_BATCH_KEYS, "valid")})
+    total = m if total is None else total.merge(m)
+    n += int(batch["valid"].shape[0])
+  if total is None:
+    return {}
+  values = metrics_lib.to_host(total.compute())
+  values["images_per_sec"] = n / max(time.perf_counter() - t, 1e-9)
+  return values
+
+
+def check_health(health, checkpointer, step: int) -> None:
+  """Raises NonFiniteLossError if any step so far went non-finite (nothing is saved)."""
+  bad_step, bad_loss = (float(x) for x in np.asarray(jax.device_get(health)))
+  if bad_step >= 0:
+    checkpointer.wait()
+    last = checkpointer.latest_step()
+    raise NonFiniteLossError(
+        f"non-finite loss {bad_loss} at step {int(bad_step)} (checked at step {step}); "
+        "stopping without saving. "
+        + (f"The last good checkpoint is step {last} in {checkpointer.directory}."
+           if last is not None else "No checkpoint was saved.")
+        + " Lower learning_rate or check the data.")
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
-  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed()
   mesh = sharding.make_mesh(config.mesh)
   train_state.validate_config(config, mesh.size)
   classifier = train_state.is_classifier(config)
   best_metric = "presence_accuracy" if classifier else "kaggle_score"
+  num_steps = int(config.num_train_steps)
+  every = lambda key: int(config[key])
 
   # The model check comes first, and the event files are written only once the train
   # state is built or restored: a workdir that does not fit (another model, a
   # config.json gone missing) is left exactly as it was.
   workdir_lib.check_model_config(workdir, config)
   workdir.mkdir(parents=True, exist_ok=True)
+  done = workdir_lib.checkpoint_steps(workdir)
+  start = done[-1] if done else 0
+  if start >= num_steps:
+    log.info("%s is already trained to step %d (num_train_steps=%d): nothing to do",
+             workdir, start, num_steps)
+    return {"step": start, "start_step": start, "preempted": False}
 
   def on_saved(step: int) -> None:
-    # config.json describes the checkpoints: it becomes this run's config only once a
-    # checkpoint trained under it is on disk (`start`: where this run took over).
-    del step
+    del step  # config.json becomes this config once a checkpoint of it is on disk
     if jax.process_index() == 0:
       workdir_lib.record_config(workdir, config, resumed_from=start)
 
-  checkpointer = ckpt_lib.TrainCheckpointer(workdir, keep=int(config.keep_checkpoints),
+  checkpointer = ckpt_lib.TrainCheckpointer(workdir, keep=every("keep_checkpoints"),
                                             best_metric=best_metric, on_saved=on_saved)
-
-  start = checkpointer.latest_step()
-  num_steps = int(config.num_train_steps)
-  if start is not None and start >= num_steps:
-    logging.info("%s is already trained to step %d (num_train_steps=%d): nothing to do",
-                 workdir, start, num_steps)
-    checkpointer.close()
-    return {"step": start, "start_step": start, "preempted": False}
-
-  from nerveseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   train_arrays = pipeline.load_arrays(config.data, "train")
   val_arrays = pipeline.load_arrays(config.data, "val") if int(config.data.fold) >= 0 else None
+  _log_header(config, workdir, mesh, train_arrays, val_arrays, start)
   try:
-    tx, schedule = train_state.make_optimizer(config)
-    parts = train_state.model_parts(config)
-    if start is not None:
-      # Restored straight into the shardings: no random init to compile on resume.
-      _, abstract, shardings = train_state.abstract_state(config, tx, mesh)
-      state, meta = checkpointer.restore(start, abstract)
-      if int(meta.get("seed", config.seed)) != int(config.seed):
-        logging.warning("config key seed=%s differs from the checkpoint's seed=%s: the run "
-                        "continues with a different data order", config.seed, meta["seed"])
-      data_step = int(meta.get("data_step", start))
-      logging.info("resumed from %s step %d", checkpointer.directory, start)
-    else:
-      start = 0
-      state, shardings = train_state.init_state(config, parts, tx, mesh)
-      if config.init_from:
-        state = train_state.apply_init_from(config, state, shardings)
-      data_step = 0
-    start = int(start)
-    writer = metric_writers.create_default_writer(
-        str(workdir), just_logging=jax.process_index() > 0)
+    s = train_state.setup(config, mesh, checkpointer)
+    state = s.state
+    start = s.start_step  # Orbax's view of the latest step (the same committed step)
+    writer = metric_writers.create_default_writer(str(workdir),
+                                                  just_logging=jax.process_index() > 0)
     summaries.write_hparams(writer, config)
-    panel = (summaries.ValidationPanel(config, parts, val_arrays, mesh)
+    panel = (summaries.ValidationPanel(config, s.parts, val_arrays, mesh)
              if val_arrays is not None and not classifier else None)
-
-    # The data-iterator position saved with the checkpoint (one global batch per step).
     train_iter = pipeline.TrainIterator(train_arrays, int(config.batch_size), mesh,
-                                        seed=int(config.seed), start_step=data_step)
-
-    jit_step = train_step.jit_train_step(config, parts, tx, schedule, mesh, shardings)
+                                        seed=int(config.seed), start_step=start)
     health = train_step.initial_health(mesh)
-
-    first = next(train_iter)
-    batch_abstract = {k: jax.ShapeDtypeStruct(first[k].shape, first[k].dtype,
-                                              sharding=first[k].sharding) for k in _BATCH_KEYS}
+    # Compiled before the loop, against the first batch's shapes and shardings.
+    batch = next(train_iter)
     t0 = time.perf_counter()
-    compiled = jit_step.lower(state, health, batch_abstract).compile()
+    compiled = train_step.jit_train_step(config, s.parts, s.tx, s.schedule, mesh,
+                                         s.shardings).lower(state, health, {
+                                             k: jax.ShapeDtypeStruct(batch[k].shape,
+                                                                     batch[k].dtype,
+                                                                     sharding=batch[k].sharding)
+                                             for k in _BATCH_KEYS}).compile()
     compile_s = time.perf_counter() - t0
     _log_compiled("train_step", compiled, compile_s, writer)
-    eval_step = jax.jit(train_step.make_eval_step(config, parts))
-
-    hooks = []
-    report = periodic_actions.ReportProgress(num_train_steps=int(config.num_train_steps),
-                                             writer=writer, every_steps=int(config.log_every_steps))
-    if jax.process_index() == 0:
-      hooks.append(report)
-
-    def evaluate(step: int) -> dict[str, float]:
-      if val_arrays is None:
-        return {}
-      t = time.perf_counter()
-      total, n = None, 0
-      for batch in pipeline.eval_batches(val_arrays, int(config.eval_batch_size), mesh):
-        m = eval_step(state, {k: batch[k] for k in (*_BATCH_KEYS, "valid")})
-        total = m if total is None else total.merge(m)
-        n += int(batch["valid"].shape[0])
-      if total is None:
-        return {}
-      values = metrics_lib.to_host(total.compute())
-      values["images_per_sec"] = n / max(time.perf_counter() - t, 1e-9)
-      writer.write_scalars(step, {f"val/{k}": v for k, v in values.items()})
-      if panel is not None:
-        panel.write(writer, step, state)
-      if jax.process_index() == 0:
-        workdir_lib.append_val_history(workdir, step, values)
-      logging.info("step %d validation: %s", step,
-                   ", ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
-      return values
-
-    def check_health(step: int) -> None:
-      bad_step, bad_loss = (float(x) for x in np.asarray(jax.device_get(health)))
-      if bad_step >= 0:
-        checkpointer.wait()
-        last = checkpointer.latest_step()
-        raise NonFiniteLossError(
-            f"non-finite loss {bad_loss} at step {int(bad_step)} (checked at step {step}); "
-            "stopping without saving. "
-            + (f"The last good checkpoint is step {last} in {checkpointer.directory}."
-               if last is not None else "No checkpoint was saved.")
-            + " Lower learning_rate or check the data.")
+    eval_step = jax.jit(train_step.make_eval_step(config, s.parts))
 
     final: dict[str, Any] = {"compile_seconds": compile_s, "start_step": start}
-    train_metrics = None
     history: list[dict[str, float]] = []  # train metrics at each log step (the loss curve)
-    val_values: dict[str, float] = {}
-    last_saved = start
-    step = start
-    preempted = False
+    progress = _Progress(start, num_steps, int(config.batch_size))
+    train_metrics, val_values, step, preempted = None, {}, start, False
     with _Preemption() as preemption, metric_writers.ensure_flushes(writer):
-      batch = first
       while step < num_steps:
-        if batch is None:
-          batch = next(train_iter)
+        batch = batch if batch is not None else next(train_iter)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           state, health, m, extras = compiled(state, health, {k: batch[k] for k in _BATCH_KEYS})
-        batch = None
-        step += 1
+        batch, step = None, step + 1
         train_metrics = m if train_metrics is None else train_metrics.merge(m)
-        for hook in hooks:
-          hook(step)
         checkpointer.poll()  # confirms (logs, records) a background save that finished
-        if step % int(config.log_every_steps) == 0 or step == num_steps:
-          check_health(step)
-          values = metrics_lib.to_host(train_metrics.compute())
-          values.update(metrics_lib.to_host(extras))
+
+        if due(step, every("log_every_steps"), num_steps):
+          check_health(health, checkpointer, step)
+          values = {**metrics_lib.to_host(train_metrics.compute()),
+                    **metrics_lib.to_host(extras), **progress.rates(step)}
           writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
           final.update({f"train_{k}": v for k, v in values.items()})
           history.append({"step": step, **values})
+          log.info(progress.line(step, values))
           train_metrics = None
-        val_now = (step % int(config.eval_every_steps) == 0 or step == num_steps)
+
+        val_now = val_arrays is not None and due(step, every("eval_every_steps"), num_steps)
         if val_now:
-          with report.timed("eval"):
-            val_values = evaluate(step)
+          val_values = evaluate_fold(eval_step, state, val_arrays,
+                                     int(config.eval_batch_size), mesh)
+          writer.write_scalars(step, {f"val/{k}": v for k, v in val_values.items()})
+          if panel is not None:
+            panel.write(writer, step, state)
+          if jax.process_index() == 0:
+            workdir_lib.append_val_history(workdir, step, val_values)
           final.update({f"val_{k}": v for k, v in val_values.items()})
-        save_now = step % int(config.checkpoint_every_steps) == 0 or step == num_steps
-        stop = preemption.agreed()
-        if save_now or stop:
-          check_health(step)  # never save the state of a run that went non-finite
-          checkpointer.save(step, state, _meta(config, step, val_values if val_now else None,
-                                               best_metric),
-                            metrics=val_values if (val_now and val_values) else None)
-          last_saved = step
-        if stop:
-          preempted = True
+          log.info("step %d validation: %s", step, _fmt_metrics(val_values))
+          progress.pause_until_now()  # evaluation time is not training speed
+
+        preempted = preemption.agreed()
+        if preempted or due(step, every("checkpoint_every_steps"), num_steps):
+          check_health(health, checkpointer, step)  # never save a non-finite state
+          scored = val_values if (val_now and val_values) else None
+          checkpointer.save(step, state, _meta(config, step, scored, best_metric),
+                            metrics=scored)
+        if preempted:
           checkpointer.wait()
-          logging.warning("SIGTERM: saved checkpoint at step %d in %s; run the same command "
-                          "again to resume", step, checkpointer.directory)
+          log.warning("SIGTERM: saved checkpoint at step %d in %s; run the same command "
+                      "again to resume", step, checkpointer.directory)
           break
-      if last_saved != step:
-        check_health(step)
-        checkpointer.save(step, state, _meta(config, step, None, best_metric))
-    train_iter_close = getattr(train_iter, "close", None)
-    if train_iter_close:
-      train_iter_close()
+    getattr(train_iter, "close", lambda: None)()
   finally:
     # Also on errors: lets a pending asynchronous save finish (it is of a good state).
     checkpointer.close()
-  final.update({"step": step, "preempted": preempted, "history": history,
-                "params_sha256": params_digest(state["params"])})
+  final.update({"step": step, "preempted": preempted, "history": history})
+  if os.environ.get("NERVESEG_PARAMS_DIGEST"):  # replicas' agreement, for tests
+    final["params_sha256"] = params_digest(state["params"])
   return final
+
+
+def _fmt_metrics(values: Mapping[str, float]) -> str:
+  return ", ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()) if k != "images_per_sec")
+
+
+def _log_header(config, workdir, mesh, train_arrays, val_arrays, start: int) -> None:
+  """One block saying what runs where, on what, and from which step."""
+  devices = jax.devices()
+  log.info("run      %s (model %s, %s)", config.get("name", "?"), config.model.name,
+           config.get("dtype", "float32"))
+  log.info("workdir  %s", workdir)
+  log.info("devices  %d x %s over %d process(es); mesh %s", len(devices),
+           devices[0].device_kind, jax.process_count(),
+           dict(zip(mesh.axis_names, mesh.devices.shape)))
+  val = "none (data.fold=-1)"
+  if val_arrays is not None:
+    subjects = sorted({int(x) for x in np.asarray(val_arrays.subject).tolist()})
+    val = (f"{len(val_arrays)} frames of subjects {subjects} "
+           f"(fold {int(config.data.fold)} of {int(config.data.num_folds)})")
+  log.info("data     %s: train %d frames; validation %s", config.data.source,
+           len(train_arrays), val)
+  log.info("steps    %s to %d, batch %d", f"resuming at step {start}" if start else "fresh",
+           int(config.num_train_steps), int(config.batch_size))
+
+
+class _Progress:
+  """Steps/s, images/s and ETA over training time only (evaluations excluded)."""
+
+  def __init__(self, start: int, total: int, batch: int):
+    self.total, self.batch = total, batch
+    self.step0, self.t0 = start, time.perf_counter()
+
+  def rates(self, step: int) -> dict[str, float]:
+    dt = max(time.perf_counter() - self.t0, 1e-9)
+    sps = (step - self.step0) / dt
+    self.step0, self.t0 = step, time.perf_counter()
+    self.last = sps
+    return {"steps_per_sec": sps, "images_per_sec": sps * self.batch}
+
+  def pause_until_now(self) -> None:
+    self.t0 = time.perf_counter()
+
+  def line(self, step: int, values: Mapping[str, float]) -> str:
+    eta = (self.total - step) / self.last if self.last > 0 else float("inf")
+    parts = [f"step {step}/{self.total}", f"loss {values['loss']:.4f}"]
+    if "dice" in values:
+      parts.append(f"dice {values['dice']:.3f}")
+    parts += [f"{values['steps_per_sec']:.2f} steps/s",
+              f"{values['images_per_sec']:.1f} img/s", f"ETA {_duration(eta)}"]
+    return "  ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, sec = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
 # ----------------------------------------------------------------------------- entry
 
+_EPILOG = """config variants (after the colon; they compose, e.g. unet:folder,smoke):
+  unet        {unet}
+  classifier  {classifier}
 
-def main(argv: list[str]) -> None:
+examples:
+  nerveseg-train --config unet:synthetic
+  nerveseg-train --config configs/unet.py:folder --config.data.manual_dir=~/frames \\
+      --config.num_train_steps=2000 --workdir runs/my_frames
+"""
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = cli.parser(
+      "nerveseg-train", "Train a model (resumes from --workdir's checkpoints if any).",
+      _EPILOG.format(unet=", ".join(cli.config_variants("unet")),
+                     classifier=", ".join(cli.config_variants("classifier"))))
+  cli.add_config(p)
+  cli.add_workdir(p, required=False,
+                  help_text="output directory (default ./runs/<config>[_<variant>])")
+  return cli.parse(p, argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
   xla_flags.configure()  # before anything starts JAX
-  if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
-  from nerveseg_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-  flags = cli_flags.define_flags()
-  config = flags.config
+  args = parse_args(argv)
+  config = args.config
+  config.lock()
   # A string, not pathlib: gs://bucket/run must keep its double slash.
-  workdir = flags.workdir or cli_flags.default_workdir(cli_flags.config_arg(sys.argv), config)
+  workdir = args.workdir or str(cli.default_workdir(args.config_arg, config))
   try:
     result = train_and_evaluate(config, workdir)
-  except tfds_source.DataNotFoundError as e:
-    raise SystemExit(f"error: {e}") from None
-  except (ckpt_lib.CheckpointMismatchError, NonFiniteLossError, WorkdirError, ValueError,
-          FileNotFoundError) as e:
-    # User-caused errors name their config key or file; the traceback only at debug.
-    logging.debug("traceback", exc_info=True)
-    raise SystemExit(f"error: {e}") from None
-  shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
-           if k != "history"}
-  print(f"done: {workdir}: {shown}")
+  except (ckpt_lib.CheckpointMismatchError, NonFiniteLossError, WorkdirError) as e:
+    raise ValueError(str(e)) from None  # one line, through cli.run
+  rows = [(k, v) for k, v in result.items() if k != "history"]
+  print(f"done: {workdir}\n" + cli.table(rows, header=("result", "value")))
   if result.get("preempted"):
     # 128 + SIGTERM, as if the signal had ended the process: schedulers (SLURM requeue,
     # JobSet/XPK restart policies) then restart the job, which resumes from the workdir.
     print(f"preempted: checkpoint saved in {workdir}; run the same command to resume")
-    raise SystemExit(143)
+    return 143
+  return 0
 
 
 def run() -> None:
   """Console-script entry (`nerveseg-train`)."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  logging.getLogger().setLevel(logging.INFO)
-  app.run(main, flags_parser=cli_flags.parse_flags)
+  sys.exit(cli.run(main))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 
 The state is a pytree of arrays, {"params", "rest" (the model's other state, e.g. batch
 statistics), "opt_state", "step"}; ModelParts rebuilds the NNX model from it inside
-jitted functions. train (the loop) and benchmark (the same programs) both build on it.
+jitted functions. `setup` makes all of it in one call, fresh or resumed; train (the
+loop) and benchmark (the same programs) both start there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -18,13 +20,12 @@ import optax
 from flax import nnx
 
 from nerveseg_jax import checkpoint as ckpt_lib
+from nerveseg_jax import models
 from nerveseg_jax import sharding
 
-CLASSIFIER_MODELS = ("inception_resnet_v2",)
+log = logging.getLogger(__name__)
 
-
-def is_classifier(config: ml_collections.ConfigDict) -> bool:
-  return str(config.model.name) in CLASSIFIER_MODELS
+is_classifier = models.is_classifier
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
@@ -54,15 +55,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     if int(config[key]) % num_devices:
       raise ValueError(f"config key {key}={config[key]} must be divisible by the "
                        f"{num_devices} devices of the mesh (it is the global batch)")
-  ckpt_lib.compute_dtype(config)
+  models.compute_dtype(config)
   if is_classifier(config) and not config.model.get("num_classes", 1) == 1:
     raise ValueError("config key model.num_classes must be 1: the classifier predicts "
                      "nerve presence")
 
 
 def _model_fn(config: ml_collections.ConfigDict) -> Callable[[], nnx.Module]:
-  from nerveseg_jax import models  # pylint: disable=g-import-not-at-top
-  dtype = ckpt_lib.compute_dtype(config)
+  dtype = models.compute_dtype(config)
   return lambda: models.build_model(config.model, dtype=dtype,
                                     rngs=nnx.Rngs(int(config.seed)))
 
@@ -105,9 +105,8 @@ class ModelParts:
 
 
 def model_parts(config: ml_collections.ConfigDict) -> ModelParts:
-  abstract = nnx.eval_shape(_model_fn(config))
-  graphdef, rng, params, rest = nnx.split(abstract, nnx.RngState, nnx.Param, ...)
-  return ModelParts(graphdef, rng, params, rest, _rng_tags(rng))
+  m = models.abstract_split(config)
+  return ModelParts(m.graphdef, m.rng, m.params, m.rest, _rng_tags(m.rng))
 
 
 def abstract_state(config, tx, mesh) -> tuple[Callable[[], Any], Any, Any]:
@@ -128,9 +127,8 @@ def abstract_state(config, tx, mesh) -> tuple[Callable[[], Any], Any, Any]:
   return init, abstract, shardings
 
 
-def init_state(config, parts: ModelParts, tx, mesh) -> tuple[Any, Any]:
+def init_state(config, tx, mesh) -> tuple[Any, Any]:
   """The train state created directly into its shardings; returns (state, shardings)."""
-  del parts  # the state's layout comes from the same model function
   init, _, shardings = abstract_state(config, tx, mesh)
   lowered = jax.jit(init, out_shardings=shardings).lower()
   # The init runs once; on CPU, LLVM's optimisation of the truncated-normal initialisers
@@ -160,3 +158,35 @@ def apply_init_from(config, state, shardings) -> Any:
   state["params"] = one(state["params"], shardings["params"])
   state["rest"] = one(state["rest"], shardings["rest"])
   return state
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a training loop starts from."""
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  parts: ModelParts
+  state: Any
+  shardings: Any
+  start_step: int  # the step the state is at (0 when fresh); also the data position
+  resumed: bool
+
+
+def setup(config: ml_collections.ConfigDict, mesh, checkpointer=None) -> Setup:
+  """Optimizer, model parts and the state in its shardings: restored from the latest
+  checkpoint of `checkpointer` when there is one, else initialised (and init_from)."""
+  tx, schedule = make_optimizer(config)
+  parts = model_parts(config)
+  start = checkpointer.latest_step() if checkpointer is not None else None
+  if start is not None:
+    # Restored straight into the shardings: no random init to compile on resume.
+    _, abstract, shardings = abstract_state(config, tx, mesh)
+    state, meta = checkpointer.restore(start, abstract)
+    if int(meta.get("seed", config.seed)) != int(config.seed):
+      log.warning("config key seed=%s differs from the checkpoint's seed=%s: the run "
+                      "continues with a different data order", config.seed, meta["seed"])
+    return Setup(tx, schedule, parts, state, shardings, int(start), True)
+  state, shardings = init_state(config, tx, mesh)
+  if config.init_from:
+    state = apply_init_from(config, state, shardings)
+  return Setup(tx, schedule, parts, state, shardings, 0, False)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from nerveseg_jax import cli_flags
+from nerveseg_jax import cli
 from nerveseg_jax.configs import classifier, unet
 
 STABLE = ("data.source", "data.manual_dir", "data.data_dir", "data.image_size",
@@ -20,7 +20,7 @@ STABLE = ("data.source", "data.manual_dir", "data.data_dir", "data.image_size",
 def test_configs_have_stable_keys(module, arg):
   c = module.get_config(arg)
   for key in STABLE:
-    assert cli_flags.has_key(c, key), key
+    assert cli.has_key(c, key), key
   assert c.batch_size % 8 == 0 and c.eval_batch_size % 8 == 0  # fits 8 fake devices
   if arg in ("synthetic", "smoke"):
     assert c.data.source == "synthetic"
@@ -40,8 +40,8 @@ def test_unknown_variant(module):
 
 def test_default_workdir():
   c = unet.get_config("synthetic")
-  assert str(cli_flags.default_workdir("configs/unet.py:synthetic", c)) == "runs/unet_synthetic"
-  assert str(cli_flags.default_workdir("configs/classifier.py", c)) == "runs/classifier"
+  assert str(cli.default_workdir("configs/unet.py:synthetic", c)) == "runs/unet_synthetic"
+  assert str(cli.default_workdir("configs/classifier.py", c)) == "runs/classifier"
 
 
 def _cli(*args):

@@ -28,6 +28,7 @@ def test_two_processes_train_together(tmp_path_factory, tmp_path):
     env = dict(SUBPROCESS_ENV,
                NERVESEG_COORDINATOR=f"127.0.0.1:{port}", NERVESEG_NUM_PROCESSES="2",
                NERVESEG_PROCESS_ID=str(rank), NERVESEG_INIT_TIMEOUT="120",
+               NERVESEG_PARAMS_DIGEST="1",  # each process hashes its replica at the end
                # Two devices per process: a 4-device mesh across the two processes.
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     args = [sys.executable, "-m", "nerveseg_jax.train", "--config",
@@ -54,7 +55,7 @@ def test_two_processes_train_together(tmp_path_factory, tmp_path):
     assert p.returncode == 0, f"process {r}:\n{outs[r][-4000:]}"
   digests = []
   for out in outs:
-    m = re.search(r"'params_sha256': '([0-9a-f]{64})'", out)
+    m = re.search(r"^params_sha256\s+([0-9a-f]{64})$", out, re.M)
     assert m, out[-3000:]
     digests.append(m.group(1))
   # Each process hashed its own replica: identical means the gradients were all-reduced.

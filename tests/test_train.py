@@ -76,10 +76,17 @@ def cli_args(data_dir, workdir, **overrides):
 
 
 def run_result(stdout: str) -> dict:
-  m = re.search(r"done: .*?: (\{.*\})", stdout)
-  assert m, stdout[-3000:]
-  fields = dict(re.findall(r"'(\w+)': ('[^']*'|[^,}]+)", m.group(1)))
-  return {k: v.strip("'") for k, v in fields.items()}
+  """The `done: WORKDIR` table train prints last, as {key: text}."""
+  lines = stdout.splitlines()
+  at = [i for i, line in enumerate(lines) if line.startswith("done: ")]
+  assert at, stdout[-3000:]
+  fields = {}
+  for line in lines[at[-1] + 3:]:  # after the header and its rule
+    key, _, value = line.partition(" ")
+    if not key or not value.strip():
+      break
+    fields[key] = value.strip()
+  return fields
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,8 @@ from jax.experimental import multihost_utils
 
 from nerveseg_jax.data import duplicates, folds, preprocess
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "all", "test")
 _CACHE_VERSION = 1        # bump when the cached arrays' meaning changes
 _RESIZE_CHUNK = 64        # frames per jitted resize call (fixed: one compilation)
@@ -215,12 +217,12 @@ def cached_split(builder, tfds_split: str, size: tuple[int, int]) -> Arrays:
   part = tfds.even_splits(tfds_split, n=count)[index] if count > 1 else tfds_split
   t0 = time.perf_counter()
   arrays = _read_resized(builder, part, size)
-  logging.info("resized %d frames of %s to %s in %.1fs", len(arrays), tfds_split, size,
+  log.info("resized %d frames of %s to %s in %.1fs", len(arrays), tfds_split, size,
                time.perf_counter() - t0)
   try:
     _save_cache(path, arrays)
   except OSError as e:  # e.g. a read-only shared data_dir: run on, uncached
-    logging.warning("could not write the resized cache %s (%s); continuing without", path, e)
+    log.warning("could not write the resized cache %s (%s); continuing without", path, e)
   return arrays
 
 

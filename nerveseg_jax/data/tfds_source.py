@@ -40,6 +40,8 @@ from typing import Iterator
 
 import ml_collections
 
+log = logging.getLogger(__name__)
+
 KAGGLE_COMMAND = "kaggle competitions download -c ultrasound-nerve-segmentation"
 KAGGLE_ZIP = "ultrasound-nerve-segmentation.zip"
 
@@ -162,9 +164,32 @@ def _zip_sha256(data_dir, und):
       memo.parent.mkdir(parents=True, exist_ok=True)
       workdir_lib.write_text_atomic(memo, json.dumps(stamp))
     except OSError as e:  # a read-only data_dir: hash again next time
-      logging.warning("could not remember the hash of %s in %s (%s)", real, memo, e)
+      log.warning("could not remember the hash of %s in %s (%s)", real, memo, e)
     return stamp["sha256"]
   return digest
+
+
+def _download_and_prepare(builder, download_config) -> None:
+  """TFDS's build with the project's own two lines: progress bars only on a terminal,
+  and TFDS's printed banner kept off stdout unless the log level is DEBUG."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if sys.stderr.isatty():
+    tfds.enable_progress_bar()
+  else:
+    tfds.disable_progress_bar()
+  log.info("building the %s data set from %s into %s", builder.builder_config.name,
+           download_config.manual_dir, builder.data_dir)
+  t = time.perf_counter()
+  quiet = not log.isEnabledFor(logging.DEBUG)
+  with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+    builder.download_and_prepare(download_config=download_config)
+  sizes = {k: v.num_examples for k, v in builder.info.splits.items()}
+  log.info("built in %.0f s: %s", time.perf_counter() - t,
+           ", ".join(f"{k} {n} frames" for k, n in sorted(sizes.items())))
 
 
 def _prepared(und, config: str, build_dir, manual, data_dir):
@@ -174,22 +199,22 @@ def _prepared(und, config: str, build_dir, manual, data_dir):
   builder = und.Builder(config=config, data_dir=str(build_dir))
   download_config = tfds.download.DownloadConfig(manual_dir=str(manual))
   if not builder.is_prepared():
-    builder.download_and_prepare(download_config=download_config)
+    _download_and_prepare(builder, download_config)
     return builder
   if und.recorded_fingerprint(builder) == want:
     return builder
-  logging.warning("%s changed since %s was built from it: rebuilding", manual,
+  log.warning("%s changed since %s was built from it: rebuilding", manual,
                   builder.data_dir)
   if "://" in str(build_dir):  # no renames on object stores: TFDS deletes, then writes
     download_config.download_mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
-    builder.download_and_prepare(download_config=download_config)
+    _download_and_prepare(builder, download_config)
     return builder
   # Built beside the old data and swapped in by renames, so the old build (and the
   # resized cache inside it) stays whole until the new one is complete.
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=".rebuild.", dir=build_dir))
   try:
     fresh = und.Builder(config=config, data_dir=str(tmp))
-    fresh.download_and_prepare(download_config=download_config)
+    _download_and_prepare(fresh, download_config)
     old = pathlib.Path(builder.data_path)
     stale = old.with_name(f".stale.{old.name}{tmp.name}")
     os.rename(old, stale)

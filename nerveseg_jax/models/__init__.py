@@ -1,5 +1,6 @@
 """Flax NNX models. Models know nothing of data, training or files."""
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,7 +10,8 @@ from flax import nnx
 from nerveseg_jax.models.inception_resnet_v2 import InceptionResNetV2
 from nerveseg_jax.models.unet import UNet
 
-__all__ = ["UNet", "InceptionResNetV2", "build_model", "MODEL_KEYS"]
+__all__ = ["UNet", "InceptionResNetV2", "build_model", "MODEL_KEYS", "CLASSIFIERS",
+           "is_classifier", "compute_dtype", "abstract_split", "Split"]
 
 # Config keys each model accepts (besides `name`), with their defaults.
 MODEL_KEYS: dict[str, dict[str, Any]] = {
@@ -19,6 +21,8 @@ MODEL_KEYS: dict[str, dict[str, Any]] = {
     "inception_resnet_v2": dict(in_channels=1, num_classes=1, dropout=0.0,
                                 include_top=True),
 }
+# Models that answer "is there a nerve?" with one logit, rather than segmenting.
+CLASSIFIERS = ("inception_resnet_v2",)
 _CHOICES = {"block": ("double_conv", "residual"), "norm": ("batch", "group", "none"),
             "upsample": ("transpose", "resize")}
 
@@ -60,3 +64,42 @@ def build_model(model_cfg: Any, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Mod
     raise ValueError(f"config key model.in_channels={kwargs['in_channels']} must be 1 or 3")
   cls = UNet if name == "unet" else InceptionResNetV2
   return cls(**kwargs, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def is_classifier(model: Any) -> bool:
+  """True for a presence classifier; takes a model name, model config or full config."""
+  if hasattr(model, "model") and not isinstance(model, str):
+    model = model.model
+  name = model if isinstance(model, str) else _as_dict(model).get("name")
+  return str(name) in CLASSIFIERS
+
+
+def compute_dtype(config: Any):
+  """config.dtype as a jnp dtype (parameters stay float32 whatever it is)."""
+  name = str(config.get("dtype", "float32"))
+  if name not in ("float32", "bfloat16"):
+    raise ValueError(f"config key dtype={name!r}: use float32 or bfloat16")
+  return jnp.dtype(name)
+
+
+@dataclasses.dataclass
+class Split:
+  """An abstract model (no arrays allocated) and its NNX split."""
+  model: nnx.Module
+  graphdef: Any
+  rng: nnx.State
+  params: nnx.State
+  rest: nnx.State  # everything else: batch statistics
+
+
+def abstract_split(config: Any, *, seed: int | None = None) -> Split:
+  """The model of `config` (model.*, dtype, seed) built abstractly, and split.
+
+  The one way every caller (train state, checkpoints, inference) builds a model's
+  layout: traced, so no parameter is computed.
+  """
+  dtype = compute_dtype(config)
+  seed = int(config.get("seed", 0)) if seed is None else seed
+  model = nnx.eval_shape(lambda: build_model(config.model, dtype=dtype, rngs=nnx.Rngs(seed)))
+  graphdef, rng, params, rest = nnx.split(model, nnx.RngState, nnx.Param, ...)
+  return Split(model, graphdef, rng, params, rest)
