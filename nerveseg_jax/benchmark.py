@@ -397,7 +397,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """The command; a user's error is one line on stderr and exit status 2."""
   xla_flags.configure()  # before anything starts JAX
+  return cli.run(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
   f = parse_args(argv)
   f.config.lock()
   on_part = (lambda r: write_json(r, f.json)) if f.json else None
@@ -415,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_cli() -> None:
   """Console-script entry (`nerveseg-benchmark`)."""
-  sys.exit(cli.run(main))
+  sys.exit(main())
 
 
 if __name__ == "__main__":

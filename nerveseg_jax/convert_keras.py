@@ -49,7 +49,12 @@ def convert(h5: str | pathlib.Path, out: str | pathlib.Path, *, in_channels: int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """The command; a user's error is one line on stderr and exit status 2."""
   xla_flags.configure()  # before anything starts JAX
+  return cli.run(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
   p = cli.parser("nerveseg-convert-keras",
                  "Convert Keras Inception-ResNet-v2 (no-top) weights to an Orbax "
                  "checkpoint for --config.init_from.",
@@ -73,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_cli() -> None:
   """Console-script entry (`nerveseg-convert-keras`)."""
-  sys.exit(cli.run(main))
+  sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -428,7 +428,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """The command; a user's error is one line on stderr and exit status 2."""
   xla_flags.configure()  # before anything starts JAX
+  return cli.run(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
   out = run(args.workdir, config=args.config, split=args.split, folder=args.folder,
             tta=args.tta, batch_size=args.batch_size, which=args.which,
@@ -440,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_cli() -> None:
   """Console-script entry (`nerveseg-evaluate`)."""
-  sys.exit(cli.run(main))
+  sys.exit(main())
 
 
 if __name__ == "__main__":

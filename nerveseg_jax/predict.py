@@ -212,7 +212,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """The command; a user's error is one line on stderr and exit status 2."""
   xla_flags.configure()  # before anything starts JAX
+  return cli.run(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
   if pathlib.Path(args.output).suffix.lower() == ".csv":
     raise ValueError(f"--output {args.output}: give a folder; predict writes "
@@ -231,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_cli() -> None:
   """Console-script entry (`nerveseg-predict`)."""
-  sys.exit(cli.run(main))
+  sys.exit(main())
 
 
 if __name__ == "__main__":

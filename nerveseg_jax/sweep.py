@@ -358,7 +358,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """The command; a user's error is one line on stderr and exit status 2."""
   xla_flags.configure()  # before anything starts JAX
+  return cli.run(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
   path, _, arg = args.sweep.partition(":")
   # A string, not pathlib: gs://bucket/sweep must keep its double slash.
@@ -379,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run() -> None:
   """Console-script entry (`nerveseg-sweep`)."""
-  sys.exit(cli.run(main))
+  sys.exit(main())
 
 
 if __name__ == "__main__":
