@@ -2,12 +2,15 @@
 
   python -m nerveseg_jax.serve --workdir DIR [--workdir DIR2 ...] \
       [--classifier_workdir DIR3] [--host 127.0.0.1] [--port 8000] \
-      [--max_upload_mb 20] [--max_pixels 16777216] [--tta] [--batch_size 1]
+      [--max_upload_mb 20] [--max_pixels 4194304] [--max_concurrent 2] [--tta] \
+      [--batch_size 1]
 
-Loads the runs and compiles the jitted inference once, then prints
+Loads the runs and compiles the jitted inference once (one program, whatever the frame
+sizes; see docs/serve.md), then prints
 "ready on http://HOST:PORT". Open that address in a browser, or use the API:
 POST /api/segment (multipart field `file`) and GET /healthz. See docs/serve.md.
-Binds to 127.0.0.1 unless told otherwise: the app has no log-in.
+Binds to 127.0.0.1 unless told otherwise: the app has no log-in. Bound to localhost,
+it answers only requests addressed to localhost.
 """
 
 from __future__ import annotations
@@ -19,8 +22,6 @@ import threading
 from typing import Sequence
 
 from nerveseg_jax import inference, webapp
-
-_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -36,7 +37,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--max_upload_mb", type=float, default=20.0,
                  help="largest accepted file, in MB (413 above)")
   p.add_argument("--max_pixels", type=int, default=webapp.Limits.max_pixels,
-                 help="largest accepted image, width x height (413 above)")
+                 help="largest accepted image, width x height (413 above); with "
+                      "--max_concurrent it bounds the memory that requests use")
+  p.add_argument("--max_concurrent", type=int, default=None,
+                 help="requests decoded, inferred and encoded at once; the rest wait "
+                      f"(default: the larger of {webapp.Limits.max_concurrent} and "
+                      "--batch_size)")
   p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
   p.add_argument("--batch_size", type=int, default=1,
                  help="frames per device call; requests arriving together share a batch "
@@ -52,6 +58,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.error(f"--max_pixels must be > 0, got {args.max_pixels}")
   if args.batch_size < 1:
     p.error(f"--batch_size must be >= 1, got {args.batch_size}")
+  if args.max_concurrent is None:
+    args.max_concurrent = max(webapp.Limits.max_concurrent, args.batch_size)
+  if args.max_concurrent < 1:
+    p.error(f"--max_concurrent must be >= 1, got {args.max_concurrent}")
   return args
 
 
@@ -96,14 +106,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                batch_size=args.batch_size, which=args.which)
 
   limits = webapp.Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-                         max_pixels=args.max_pixels)
+                         max_pixels=args.max_pixels, max_concurrent=args.max_concurrent)
   # Our --max_pixels is checked on the header first; lift PIL's own bomb guard above it
   # so that a user who raises the limit is not refused by a second, hidden one.
   from PIL import Image  # pylint: disable=g-import-not-at-top
   if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < args.max_pixels:
     Image.MAX_IMAGE_PIXELS = args.max_pixels
-  app = webapp.create_app(load, limits)
-  if args.host not in _LOCAL_HOSTS:
+  local = args.host in webapp.LOCAL_HOST_NAMES
+  app = webapp.create_app(load, limits,
+                          allowed_hosts=webapp.LOCAL_HOST_NAMES if local else None)
+  if not local:
     inference.log(f"warning: --host {args.host} serves the page beyond this machine, "
                   "with no log-in; put it behind an authenticating proxy")
   inference.log("loading and compiling the runs ...")
