@@ -87,7 +87,7 @@ def decode_gray(data: bytes, name: str = "<bytes>", *, max_pixels: int | None = 
     raise ImageTooLarge(f"{name}: image too large ({e})") from None
   except UnidentifiedImageError:
     raise ImageReadError(
-        f"{name}: not a TIFF, PNG or JPEG image, or its header is corrupt") from None
+        f"{name}: not a recognised image (TIFF, PNG or JPEG), or its header is corrupt") from None
   except (OSError, ValueError, SyntaxError) as e:
     raise ImageReadError(f"{name}: corrupt or unreadable image ({e})") from None
   if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:

@@ -60,13 +60,25 @@ _CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
         "frame-ancestors 'none'")
 
 
+# The peak memory of one request, from decode to the JSON answer with its three PNGs,
+# measured on a server's RSS (docs/serve.md): about 20 bytes a pixel for an
+# incompressible frame, the worst case, 10 for a blank one, plus a fixed part. Rounded up.
+PEAK_BYTES_PER_PIXEL = 24
+PEAK_BYTES_FIXED = 32 * 2**20
+
+
+def peak_request_bytes(pixels: int) -> int:
+  """The documented bound on one request's memory for a frame of `pixels` pixels."""
+  return PEAK_BYTES_PER_PIXEL * pixels + PEAK_BYTES_FIXED
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
   """What one upload may be, and how many are worked on at once.
 
-  max_pixels bounds a request's memory (docs/serve.md: about PEAK_BYTES_PER_PIXEL bytes
-  per pixel at its peak) and max_concurrent how many requests hold that much at once;
-  the others wait, holding only their spooled upload.
+  max_pixels bounds a request's memory (peak_request_bytes: about 130 MB at the
+  default 2048 x 2048) and max_concurrent how many requests hold that much at once;
+  the others wait, holding only their upload (spooled to disk above 1 MB).
   """
   max_upload_bytes: int = 20 * 1024 * 1024
   max_pixels: int = 2048 * 2048
