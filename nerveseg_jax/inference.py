@@ -263,11 +263,13 @@ class Predictor:
                            out_shardings=(self._batch_sharding, self._batch_sharding))
 
   def _has_presence_head(self) -> bool:
-    """Whether the U-Nets return a presence logit, from their abstract output."""
-    run = self.runs[0]
-    x = jax.ShapeDtypeStruct((1, *run.image_size, run.in_channels), jnp.float32)
-    out = jax.eval_shape(lambda s, v: nnx.merge(run.graphdef, s)(v), run.state, x)
-    return isinstance(out, (tuple, list)) and len(out) > 1
+    """Whether any U-Net returns a presence logit, from its abstract output."""
+    for run in self.runs:
+      x = jax.ShapeDtypeStruct((1, *run.image_size, run.in_channels), jnp.float32)
+      out = jax.eval_shape(lambda s, v, g=run.graphdef: nnx.merge(g, s)(v), run.state, x)
+      if isinstance(out, (tuple, list)) and len(out) > 1:
+        return True
+    return False
 
   def _classifier_presence_threshold(self, calibration: Calibration) -> Calibration:
     """With a classifier, the presence threshold is the classifier's, not the U-Net's.

@@ -126,7 +126,7 @@ class InferenceWorker:
   Args:
     load: builds the Predictor (called on the worker thread, so the server can answer
       /healthz with 503 while runs load and compile).
-    warmup: compile for full batches of Kaggle-size frames before saying ready.
+    warmup: compile the one inference program (Predictor.warmup) before saying ready.
   """
 
   def __init__(self, load: Callable[[], inference.Predictor], *, warmup: bool = True):
@@ -484,7 +484,9 @@ def create_app(load: Callable[[], inference.Predictor] | inference.Predictor,
         frame = await run_in_threadpool(_decode, data, filename, limits)
         del data
         result = await asyncio.wrap_future(worker.submit(frame, name))
-        return await run_in_threadpool(_payload, frame, result, filename, images)
+        # Rendered to JSON here, off the event loop and still inside the gate.
+        return await run_in_threadpool(
+            lambda: JSONResponse(_payload(frame, result, filename, images)))
     finally:
       await form.close()
 

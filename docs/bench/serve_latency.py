@@ -38,7 +38,7 @@ def _lscpu() -> str:
 
 def _save_random_run(workdir: pathlib.Path) -> None:
   """configs/unet.py's default model, freshly initialised, saved as a training run."""
-  from configs import unet  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax.configs import unet  # pylint: disable=g-import-not-at-top
   from nerveseg_jax import checkpoint, sharding, train, train_state  # pylint: disable=g-import-not-at-top
   config = unet.get_config()
   mesh = sharding.make_mesh(config.mesh)
@@ -144,5 +144,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
   main()
