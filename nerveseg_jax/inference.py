@@ -267,8 +267,8 @@ class Predictor:
     for run in self.runs:
       x = jax.ShapeDtypeStruct((1, *run.image_size, run.in_channels), jnp.float32)
       out = jax.eval_shape(lambda s, v, g=run.graphdef: nnx.merge(g, s)(v), run.state, x)
-      if isinstance(out, (tuple, list)) and len(out) > 1:
-        return True
+      if isinstance(out, (tuple, list)) and len(out) > 1 and out[1] is not None:
+        return True   # (mask, presence[, deep]); without a head the second is None
     return False
 
   def _classifier_presence_threshold(self, calibration: Calibration) -> Calibration:
