@@ -188,10 +188,15 @@ def overlay(image: np.ndarray, mask: np.ndarray | None = None,
   return rgb
 
 
-def png_bytes(array: np.ndarray) -> bytes:
-  """Encodes a (H, W) or (H, W, 3) uint8 array as PNG bytes."""
+def png_bytes(array: np.ndarray, compress_level: int = 6) -> bytes:
+  """Encodes a (H, W) or (H, W, 3) uint8 array as PNG bytes.
+
+  compress_level: zlib's 0-9; 1 is about 4x faster than the default 6 on an overlay
+  for a few percent more bytes, the better trade for images sent and then dropped.
+  """
   buffer = io.BytesIO()
-  Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(buffer, format="PNG")
+  Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(
+      buffer, format="PNG", compress_level=compress_level)
   return buffer.getvalue()
 
 
