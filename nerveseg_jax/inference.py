@@ -1,13 +1,15 @@
 """The one predict function: trained runs -> mask probabilities -> calibrated results.
 
 `Predictor` loads one or more segmentation runs (ensembled by averaging probabilities)
-and optionally a classifier run, once. A single jitted function does everything on
-device for a batch of uint8 frames at their source size (B, H, W, 1): resize to each
-run's data.image_size, normalise, run the models in eval mode (optionally with
-horizontal-flip test-time augmentation), average the mask and presence probabilities,
-and resize the mask probability back to (H, W). jax.jit compiles it once per
-(batch size, H, W); frames are grouped by size and the last batch is padded, so a
-folder of same-size frames compiles exactly once.
+and optionally a classifier run, once. Frames of any size are resized on the host to
+each run's data.image_size (preprocess.resize_host: the training pipeline's resize, in
+numpy), so the one jitted function only ever sees fixed shapes: (batch_size, h, w, 1)
+uint8 per distinct run size. It normalises, runs the models in eval mode (optionally
+with horizontal-flip test-time augmentation) and returns each run's mask probability
+at its own size and the presence probability; the host resizes the masks back to
+(H, W) and averages them. Every batch is padded to batch_size, so a Predictor compiles
+exactly one program (at warmup, or on first use) whatever the frame sizes: a new size
+arriving at a server never stalls the requests behind it, nor adds a program to memory.
 
 Presence comes from the classifier when one is given, else from the U-Net's presence
 head (or, for a U-Net without one, the largest mask probability). The host then applies
@@ -91,18 +93,27 @@ def _load_run(workdir: str | pathlib.Path, which: str) -> _Run:
   return _Run(workdir, name, graphdef, state, size, in_channels)
 
 
-def _prepare(frames: jax.Array, size: tuple[int, int], channels: int) -> jax.Array:
-  """uint8 (B, H, W, 1) source frames -> the float input a run was trained on.
-
-  Same order as the training pipeline: resize the uint8 frames to the run's size
-  (kept as uint8, as the pipeline caches them), then normalise.
-  """
+def _resize_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """(H, W) uint8 -> (h, w) uint8 at a run's size, as the training pipeline caches it."""
   from nerveseg_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  x = frames
-  if tuple(frames.shape[1:3]) != tuple(size):
-    x = preprocess.resize(frames.astype(jnp.float32), size)
-    x = jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
-  x = preprocess.normalize(x).astype(jnp.float32)
+  if frame.shape == tuple(size):
+    return frame
+  return np.clip(np.round(preprocess.resize_host(frame, size)), 0, 255).astype(np.uint8)
+
+
+def _resize_prob(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """A run's (h, w) mask probability back to the frame's (H, W), in [0, 1]."""
+  from nerveseg_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  if prob.shape == tuple(size):
+    return np.clip(prob, 0.0, 1.0)
+  resized = preprocess.resize_host(prob, size)
+  return np.clip(resized, 0.0, 1.0, out=resized)  # in place: large frames, one copy
+
+
+def _prepare(frames: jax.Array, channels: int) -> jax.Array:
+  """uint8 (B, h, w, 1) frames at a run's size -> the float input it was trained on."""
+  from nerveseg_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  x = preprocess.normalize(frames).astype(jnp.float32)
   if channels != 1:
     x = jnp.repeat(x, channels, axis=-1)  # gray into every channel of an RGB model
   return x
@@ -133,39 +144,42 @@ def _classify(model: nnx.Module, x: jax.Array) -> jax.Array:
   return jax.nn.sigmoid(logits.reshape(x.shape[0]))
 
 
-def _forward(static: tuple, states: tuple, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """uint8 (B, H, W, 1) -> (mask probability (B, H, W), presence probability (B,))."""
+def _forward(static: tuple, states: tuple, inputs: tuple[jax.Array, ...]
+             ) -> tuple[tuple[jax.Array, ...], jax.Array]:
+  """Fixed-size uint8 inputs -> (each run's mask probability (B, h, w), presence (B,)).
+
+  inputs[k] is the batch at the k-th distinct model size; each spec names its input.
+  Presence is the mean of the presence heads, or the classifier's; for U-Nets without
+  a presence head it is left to the host (zeros here), which takes the largest pixel
+  of the full-size mask.
+  """
   seg_specs, cls_spec, tta = static
   seg_states, cls_state = states
-  from nerveseg_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  height, width = frames.shape[1:3]
   probs, presences = [], []
-  for (graphdef, size, channels), state in zip(seg_specs, seg_states):
+  for (graphdef, index, channels), state in zip(seg_specs, seg_states):
     model = nnx.merge(graphdef, state)
-    x = _prepare(frames, size, channels)
+    x = _prepare(inputs[index], channels)
     prob, presence = _segment(model, x)
     if tta:
       prob_f, presence_f = _segment(model, _flip(x))
       prob = 0.5 * (prob + _flip(prob_f))
       presence = None if presence is None else 0.5 * (presence + presence_f)
-    if (height, width) != tuple(size):
-      prob = preprocess.resize(prob[..., None], (height, width))[..., 0]
-    probs.append(jnp.clip(prob, 0.0, 1.0))
+    probs.append(prob)
     if presence is not None:
       presences.append(presence)
-  mask_prob = jnp.mean(jnp.stack(probs), axis=0)
+  batch = inputs[0].shape[0]
   if cls_spec is not None:
-    graphdef, size, channels = cls_spec
+    graphdef, index, channels = cls_spec
     model = nnx.merge(graphdef, cls_state)
-    x = _prepare(frames, size, channels)
+    x = _prepare(inputs[index], channels)
     presence = _classify(model, x)
     if tta:
       presence = 0.5 * (presence + _classify(model, _flip(x)))
   elif presences:
     presence = jnp.mean(jnp.stack(presences), axis=0)
   else:
-    presence = jnp.max(mask_prob, axis=(1, 2))  # no presence head: most confident pixel
-  return mask_prob, presence
+    presence = jnp.zeros((batch,), jnp.float32)
+  return tuple(probs), presence
 
 
 class Predictor:
@@ -231,17 +245,33 @@ class Predictor:
                               devices=devices[:n])
     self._batch_sharding = NamedSharding(self.mesh, P("data"))
     replicated = NamedSharding(self.mesh, P())
-    seg_specs = tuple((r.graphdef, r.image_size, r.in_channels) for r in self.runs)
+    # One device input per distinct model size; each model names the one it reads.
+    models = [*self.runs, *([self.classifier] if self.classifier else [])]
+    self.input_sizes = tuple(dict.fromkeys(r.image_size for r in models))
+    seg_specs = tuple((r.graphdef, self.input_sizes.index(r.image_size), r.in_channels)
+                      for r in self.runs)
     cls_spec = (None if self.classifier is None else
-                (self.classifier.graphdef, self.classifier.image_size,
+                (self.classifier.graphdef, self.input_sizes.index(self.classifier.image_size),
                  self.classifier.in_channels))
+    # Without a presence head or a classifier, presence is the mask's largest pixel.
+    self._presence_on_host = self.classifier is None and not self._has_presence_head()
     self._states = jax.device_put(
         (tuple(r.state for r in self.runs),
          None if self.classifier is None else self.classifier.state), replicated)
     # The one jitted predict function; graphdefs and flags are static, weights are
-    # arguments (not baked-in constants), so compiling is fast and shares memory.
+    # arguments (not baked-in constants), so compiling is fast and shares memory. Its
+    # inputs always have the same shapes, so it compiles once.
     self._jitted = jax.jit(functools.partial(_forward, (seg_specs, cls_spec, self.tta)),
                            out_shardings=(self._batch_sharding, self._batch_sharding))
+
+  def _has_presence_head(self) -> bool:
+    """Whether any U-Net returns a presence logit, from its abstract output."""
+    for run in self.runs:
+      x = jax.ShapeDtypeStruct((1, *run.image_size, run.in_channels), jnp.float32)
+      out = jax.eval_shape(lambda s, v, g=run.graphdef: nnx.merge(g, s)(v), run.state, x)
+      if isinstance(out, (tuple, list)) and len(out) > 1 and out[1] is not None:
+        return True   # (mask, presence[, deep]); without a head the second is None
+    return False
 
   def _classifier_presence_threshold(self, calibration: Calibration) -> Calibration:
     """With a classifier, the presence threshold is the classifier's, not the U-Net's.
@@ -265,49 +295,80 @@ class Predictor:
     return (f"segmentation {runs}{cls}; tta={self.tta}; batch {self.batch_size}; "
             f"calibration {self.calibration.to_dict()}")
 
-  def forward(self, batch_size: int | None = None, source_size: tuple[int, int] = (420, 580)
-              ) -> tuple[Callable[[jax.Array], tuple[jax.Array, jax.Array]], jax.Array]:
-    """The jitted forward for one batch shape, and a device input of that shape.
+  def compiled_shapes(self) -> list[tuple[int, int, int, int]]:
+    """The input shapes of the one jitted program: (batch_size, h, w, 1) per model size."""
+    return [(self.batch_size, h, w, 1) for h, w in self.input_sizes]
 
-    For benchmarks: `fn, x = predictor.forward(32); jax.block_until_ready(fn(x))`.
+  def _device_batch(self, frames: Sequence[np.ndarray], batch_size: int) -> tuple:
+    """(H, W) uint8 frames of any sizes -> the jitted function's fixed-shape inputs,
+    resized on the host and padded with blank frames to batch_size rows."""
+    devices = len(self.mesh.devices.flat)
+    sharding = (self._batch_sharding if batch_size % devices == 0
+                else NamedSharding(self.mesh, P()))
+    inputs = []
+    for h, w in self.input_sizes:
+      batch = np.zeros((batch_size, h, w, 1), np.uint8)
+      for row, frame in enumerate(frames):
+        batch[row, ..., 0] = _resize_frame(frame, (h, w))
+      inputs.append(jax.device_put(batch, sharding))
+    return tuple(inputs)
+
+  def _run(self, frames: Sequence[np.ndarray], batch_size: int
+           ) -> Iterator[tuple[np.ndarray, float]]:
+    """(mask probability (H, W), presence) for up to batch_size (H, W) frames."""
+    probs, presence = self._jitted(self._states, self._device_batch(frames, batch_size))
+    probs = [np.asarray(p) for p in probs]
+    presence = np.asarray(presence)
+    for row, frame in enumerate(frames):
+      # Each run's mask back to the frame's size, then the ensemble mean, on the host.
+      mask_prob = _resize_prob(probs[0][row], frame.shape)
+      for p in probs[1:]:
+        mask_prob += _resize_prob(p[row], frame.shape)
+      if len(probs) > 1:
+        mask_prob /= len(probs)
+      yield mask_prob, (float(mask_prob.max()) if self._presence_on_host
+                        else float(presence[row]))
+
+  def forward(self, batch_size: int | None = None, source_size: tuple[int, int] = (420, 580)
+              ) -> tuple[Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """The whole per-batch path (host resize in, network, host resize back) and an input.
+
+    For benchmarks: `fn, x = predictor.forward(32); fn(x)` returns the mask
+    probabilities (B, H, W) and presence (B,) of x, host uint8 (B, H, W, 1). A batch
+    size other than the Predictor's compiles a second program.
     """
     b = batch_size or self.batch_size
-    devices = len(self.mesh.devices.flat)
-    sharding = self._batch_sharding if b % devices == 0 else NamedSharding(self.mesh, P())
-    x = jax.device_put(np.zeros((b, *source_size, 1), np.uint8), sharding)
-    return functools.partial(self._jitted, self._states), x
 
-  def warmup(self, source_size: tuple[int, int] = (420, 580)) -> None:
-    """Compiles the forward for full batches of `source_size` frames."""
-    fn, x = self.forward(self.batch_size, source_size)
-    jax.block_until_ready(fn(x))
+    def fn(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+      frames = [np.asarray(f)[..., 0] for f in x]
+      out = list(self._run(frames, b))
+      return np.stack([p for p, _ in out]), np.array([q for _, q in out], np.float32)
+
+    return fn, np.zeros((b, *source_size, 1), np.uint8)
+
+  def warmup(self) -> None:
+    """Compiles the one program (full batches at the models' sizes) ahead of use."""
+    blank = [np.zeros(self.input_sizes[0], np.uint8)]
+    jax.block_until_ready(self._jitted(self._states, self._device_batch(blank, self.batch_size)))
 
   def probabilities(self, frames: Sequence[np.ndarray]
                     ) -> Iterator[tuple[int, np.ndarray, float]]:
     """Yields (index, mask probability (H, W) float32, presence) for every frame.
 
-    Frames are (H, W) or (H, W, 1) uint8 of any sizes; they are grouped by size so each
-    size is one compiled shape, and yielded in input order within each size.
+    Frames are (H, W) or (H, W, 1) uint8 of any sizes, mixed freely within a batch;
+    they are yielded in input order.
     """
-    groups: dict[tuple[int, int], list[int]] = {}
     for i, frame in enumerate(frames):
       frame = np.asarray(frame)
       if frame.dtype != np.uint8 or frame.ndim not in (2, 3) or (
           frame.ndim == 3 and frame.shape[-1] != 1):
         raise ValueError(f"frame {i}: expected uint8 (H, W) or (H, W, 1), got "
                          f"{frame.dtype} {frame.shape}")
-      groups.setdefault(tuple(frame.shape[:2]), []).append(i)
-    for (h, w), indices in groups.items():
-      for start in range(0, len(indices), self.batch_size):
-        chunk = indices[start:start + self.batch_size]
-        batch = np.zeros((self.batch_size, h, w, 1), np.uint8)  # padded to the compiled shape
-        for row, i in enumerate(chunk):
-          batch[row] = np.asarray(frames[i]).reshape(h, w, 1)
-        mask_prob, presence = self._jitted(self._states,
-                                           jax.device_put(batch, self._batch_sharding))
-        mask_prob, presence = np.asarray(mask_prob), np.asarray(presence)
-        for row, i in enumerate(chunk):
-          yield i, mask_prob[row], float(presence[row])
+    for start in range(0, len(frames), self.batch_size):
+      chunk = [np.asarray(f).reshape(np.shape(f)[:2])
+               for f in frames[start:start + self.batch_size]]
+      for row, (mask_prob, presence) in enumerate(self._run(chunk, self.batch_size)):
+        yield start + row, mask_prob, presence
 
   def predict(self, frames: Sequence[np.ndarray], names: Sequence[str] | None = None
               ) -> list[FramePrediction]:

@@ -25,9 +25,12 @@ def encode(mask: np.ndarray) -> str:
     mask = mask[..., 0]
   if mask.ndim != 2:
     raise ValueError(f"encode expects a (H, W) mask, got shape {mask.shape}")
-  flat = (mask.T.reshape(-1) != 0).astype(np.int8)  # column-major order
+  # Column-major order, padded with a 0 each side; bool throughout (an int64 copy
+  # would cost 16 bytes a pixel on a large frame).
+  padded = np.zeros(mask.size + 2, bool)
+  padded[1:-1] = (mask.T != 0).reshape(-1)
   # Run boundaries are where the padded sequence changes value.
-  edges = np.flatnonzero(np.diff(np.concatenate([[0], flat, [0]])))
+  edges = np.flatnonzero(padded[1:] != padded[:-1])
   if edges.size == 0:
     return ""
   starts = edges[0::2] + 1

@@ -16,6 +16,12 @@ Requests that arrive together are run as one batch of up to `predictor.batch_siz
 
 Every error is JSON {"error": message} with a 4xx status (5xx only for our own bugs),
 and no error stops the server.
+
+Memory is bounded per request by Limits.max_pixels (checked on the image header) and
+overall by Limits.max_concurrent: only that many requests decode, wait for inference
+or encode their answer at once. A server on localhost answers only requests addressed
+to localhost (the Host header), so a web page elsewhere cannot reach it through DNS
+rebinding; /healthz names runs, never the server's paths.
 """
 
 from __future__ import annotations
@@ -25,20 +31,18 @@ import base64
 import concurrent.futures
 import contextlib
 import dataclasses
-import io
 import pathlib
 import queue
+import re
 import threading
 import traceback
-import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -46,6 +50,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nerveseg_jax import imageio, inference, runinfo
 
 STATIC_DIR = pathlib.Path(__file__).parent / "static"
+# The Host header names a server bound to the loopback interface may answer to.
+LOCAL_HOST_NAMES = ("localhost", "127.0.0.1", "::1")
 # Room for the multipart boundary and part headers around the file itself.
 _MULTIPART_SLACK = 64 * 1024
 # Same-origin only: the page must never pull anything from the network.
@@ -54,17 +60,37 @@ _CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
         "frame-ancestors 'none'")
 
 
+# The peak memory of one request, from decode to the JSON answer with its three PNGs,
+# measured on a server's RSS (docs/serve.md): about 20 bytes a pixel for an
+# incompressible frame, the worst case, 10 for a blank one, plus a fixed part. Rounded up.
+PEAK_BYTES_PER_PIXEL = 24
+PEAK_BYTES_FIXED = 32 * 2**20
+
+
+def peak_request_bytes(pixels: int) -> int:
+  """The documented bound on one request's memory for a frame of `pixels` pixels."""
+  return PEAK_BYTES_PER_PIXEL * pixels + PEAK_BYTES_FIXED
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
-  """What one upload may be. Checked before the image is decoded."""
+  """What one upload may be, and how many are worked on at once.
+
+  max_pixels bounds a request's memory (peak_request_bytes: about 130 MB at the
+  default 2048 x 2048) and max_concurrent how many requests hold that much at once;
+  the others wait, holding only their upload (spooled to disk above 1 MB).
+  """
   max_upload_bytes: int = 20 * 1024 * 1024
-  max_pixels: int = 4096 * 4096
+  max_pixels: int = 2048 * 2048
+  max_concurrent: int = 2
 
   def __post_init__(self):
     if self.max_upload_bytes < 1:
       raise ValueError(f"--max_upload_mb must be > 0, got {self.max_upload_bytes} bytes")
     if self.max_pixels < 1:
       raise ValueError(f"--max_pixels must be > 0, got {self.max_pixels}")
+    if self.max_concurrent < 1:
+      raise ValueError(f"--max_concurrent must be >= 1, got {self.max_concurrent}")
 
 
 class UploadError(Exception):
@@ -100,7 +126,7 @@ class InferenceWorker:
   Args:
     load: builds the Predictor (called on the worker thread, so the server can answer
       /healthz with 503 while runs load and compile).
-    warmup: compile for full batches of Kaggle-size frames before saying ready.
+    warmup: compile the one inference program (Predictor.warmup) before saying ready.
   """
 
   def __init__(self, load: Callable[[], inference.Predictor], *, warmup: bool = True):
@@ -147,10 +173,11 @@ class InferenceWorker:
       self.predictor = predictor
       self.state = "ready"
     except Exception as e:  # pylint: disable=broad-except
-      self.error = f"{type(e).__name__}: {e}" if not isinstance(
+      error = f"{type(e).__name__}: {e}" if not isinstance(
           e, (FileNotFoundError, ValueError)) else str(e)
+      self.error = without_paths(error)  # what clients see
       self.state = "error"
-      inference.log(f"error: loading the runs failed: {self.error}")
+      inference.log(f"error: loading the runs failed: {error}")
     finally:
       self.done.set()
     while True:
@@ -255,6 +282,42 @@ class BodyLimitMiddleware:
       await _error(413, self.message)(scope, receive, send)
 
 
+def without_paths(message: str) -> str:
+  """Absolute paths in a message cut to their last component: clients learn which run
+  failed, not how the server's disk is laid out."""
+  return re.sub(r"(?:(?<=^)|(?<=[\s'\"(=]))/(?:[^\s/'\"]+/)*([^\s/'\"]*)", r"\1", message)
+
+
+def host_name(host_header: str) -> str:
+  """The name in a Host header, without the port ('[::1]:80' -> '::1')."""
+  host = host_header.strip().lower()
+  if host.startswith("["):
+    return host[1:host.find("]")] if "]" in host else host
+  return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class HostCheckMiddleware:
+  """Answers 400 to requests whose Host header is not one of `allowed`.
+
+  A page on another site can point its own domain at 127.0.0.1 (DNS rebinding) and
+  then read this server as same-origin; its requests still carry that domain in Host.
+  """
+
+  def __init__(self, app, allowed: Sequence[str]):
+    self.app = app
+    self.allowed = frozenset(h.lower() for h in allowed)
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] in ("http", "websocket"):
+      headers = dict(scope.get("headers") or [])
+      host = headers.get(b"host", b"").decode("latin-1")
+      if host_name(host) not in self.allowed:
+        shown = "".join(c for c in host if c.isprintable())[:100]
+        return await _error(400, f"this server answers only as localhost, not as host "
+                            f"{shown!r}")(scope, receive, send)
+    return await self.app(scope, receive, send)
+
+
 # --- the route's steps (run off the event loop) ---------------------------------------
 
 
@@ -270,39 +333,22 @@ def _safe_name(filename: str | None) -> tuple[str, str]:
   return raw, stem or "upload"
 
 
-def _check_pixels(data: bytes, filename: str, limits: Limits) -> None:
-  """Refuses images over limits.max_pixels from their header, before decoding pixels.
-
-  Local helper (imageio.decode_gray has no pixel limit yet): PIL reads only the header
-  on open; its own MAX_IMAGE_PIXELS guard is far higher and only warns at 1x.
-  Anything PIL cannot open is left to decode_gray, which words the error.
-  """
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")
-      with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-  except Exception:  # pylint: disable=broad-except
-    return
-  if width * height > limits.max_pixels:
-    raise UploadError(413, f"{filename}: image too large: {width}x{height} = "
-                      f"{width * height:,} pixels, the limit is {limits.max_pixels:,} "
-                      "(server option --max_pixels)")
-
-
 def _decode(data: bytes, filename: str, limits: Limits) -> np.ndarray:
   if len(data) > limits.max_upload_bytes:
     raise UploadError(413, f"{filename}: file too large ({_mb(len(data))}); the limit is "
                       f"{_mb(limits.max_upload_bytes)} (server option --max_upload_mb)")
-  _check_pixels(data, filename, limits)
   try:
-    return imageio.decode_gray(data, filename)
+    return imageio.decode_gray(data, filename, max_pixels=limits.max_pixels,
+                               limit_hint=" (server option --max_pixels)")
+  except imageio.ImageTooLarge as e:
+    raise UploadError(413, str(e)) from None
   except imageio.ImageReadError as e:
     raise UploadError(422, str(e)) from None
 
 
 def _b64png(array: np.ndarray) -> str:
-  return base64.b64encode(imageio.png_bytes(array)).decode("ascii")
+  # Fast compression: these are shown once on the page, not stored.
+  return base64.b64encode(imageio.png_bytes(array, compress_level=1)).decode("ascii")
 
 
 def _payload(frame: np.ndarray, result: inference.FramePrediction, filename: str,
@@ -325,17 +371,20 @@ def _payload(frame: np.ndarray, result: inference.FramePrediction, filename: str
 
 def create_app(load: Callable[[], inference.Predictor] | inference.Predictor,
                limits: Limits | None = None, *, warmup: bool = True,
-               uncertain_margin: float = 0.1, which: str = "best") -> FastAPI:
+               uncertain_margin: float = 0.1, which: str = "best",
+               allowed_hosts: Sequence[str] | None = LOCAL_HOST_NAMES) -> FastAPI:
   """The web app; loading starts with the app's lifespan (server start-up).
 
   Args:
     load: the Predictor, or a function that builds it (run on the inference thread, so
       /healthz answers 503 "loading" meanwhile).
-    limits: upload limits.
+    limits: upload and concurrency limits.
     warmup: compile before reporting ready.
     uncertain_margin: the page shows "Uncertain" beside the decision when the presence
       probability is within this of the presence threshold.
     which: the checkpoint the Predictor loaded ('best' or 'latest'), for /healthz.
+    allowed_hosts: Host header names answered (any port); None answers every name,
+      for a server bound beyond localhost behind a proxy.
   """
   limits = limits or Limits()
   if not 0.0 <= uncertain_margin <= 0.5:
@@ -343,9 +392,11 @@ def create_app(load: Callable[[], inference.Predictor] | inference.Predictor,
   about: dict[str, Any] = {}  # runinfo.model_info of the first run, read once
   loader = load if callable(load) else (lambda: load)
   worker = InferenceWorker(loader, warmup=warmup)
+  gate: list[asyncio.Semaphore] = []  # made in the server's event loop
 
   @contextlib.asynccontextmanager
   async def lifespan(_: FastAPI):
+    gate[:] = [asyncio.Semaphore(limits.max_concurrent)]
     worker.start()
     try:
       yield
@@ -359,6 +410,8 @@ def create_app(load: Callable[[], inference.Predictor] | inference.Predictor,
   app.add_middleware(BodyLimitMiddleware,
                      max_bytes=limits.max_upload_bytes + _MULTIPART_SLACK,
                      max_upload_bytes=limits.max_upload_bytes)
+  if allowed_hosts is not None:
+    app.add_middleware(HostCheckMiddleware, allowed=allowed_hosts)  # before any body is read
 
   @app.middleware("http")
   async def security_headers(request: Request, call_next):
@@ -402,14 +455,16 @@ def create_app(load: Callable[[], inference.Predictor] | inference.Predictor,
   async def healthz():
     body: dict[str, Any] = dict(status=worker.state,
                                 max_upload_bytes=limits.max_upload_bytes,
-                                max_pixels=limits.max_pixels)
+                                max_pixels=limits.max_pixels,
+                                max_concurrent=limits.max_concurrent)
     if worker.state == "error":
       body["error"] = worker.error
     if worker.state != "ready":
       return JSONResponse(body, status_code=503)
     p = worker.predictor
-    body.update(workdirs=[str(w) for w in p.workdirs],
-                classifier_workdir=str(p.classifier_workdir) if p.classifier_workdir else None,
+    # Run names only: the server's paths are no business of its clients.
+    body.update(workdirs=[w.name for w in p.workdirs],
+                classifier_workdir=p.classifier_workdir.name if p.classifier_workdir else None,
                 tta=p.tta, batch_size=p.batch_size, calibration=p.calibration.to_dict())
     if not about:
       try:
@@ -437,12 +492,17 @@ def create_app(load: Callable[[], inference.Predictor] | inference.Predictor,
       if not isinstance(upload, UploadFile):
         raise UploadError(400, "no file: send the image in the multipart field 'file'")
       filename, name = _safe_name(upload.filename)
-      data = await upload.read(limits.max_upload_bytes + 1)
+      # Waiting requests hold only their upload (spooled to disk above 1 MB); the
+      # decoded frame, its probabilities and the answer's PNGs exist inside the gate.
+      async with gate[0]:
+        data = await upload.read(limits.max_upload_bytes + 1)
+        frame = await run_in_threadpool(_decode, data, filename, limits)
+        del data
+        result = await asyncio.wrap_future(worker.submit(frame, name))
+        # Rendered to JSON here, off the event loop and still inside the gate.
+        return await run_in_threadpool(
+            lambda: JSONResponse(_payload(frame, result, filename, images)))
     finally:
       await form.close()
-    frame = await run_in_threadpool(_decode, data, filename, limits)
-    del data
-    result = await asyncio.wrap_future(worker.submit(frame, name))
-    return await run_in_threadpool(_payload, frame, result, filename, images)
 
   return app

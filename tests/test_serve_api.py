@@ -25,6 +25,7 @@ from PIL import Image
 from nerveseg_jax import imageio, inference, rle, serve, webapp
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+LOCAL = "http://localhost"   # the app answers only to localhost names by default
 
 
 def _encode(array: np.ndarray, fmt: str) -> bytes:
@@ -50,7 +51,7 @@ def predictor(calibrated_run):
 
 @pytest.fixture(scope="module")
 def client(predictor):
-  with TestClient(webapp.create_app(predictor)) as c:
+  with TestClient(webapp.create_app(predictor), base_url=LOCAL) as c:
     _wait_ready(c)
     yield c
 
@@ -151,7 +152,7 @@ def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(client, smoke_run
 
 def test_size_and_pixel_limits(predictor):
   limits = webapp.Limits(max_upload_bytes=100_000, max_pixels=300 * 300)
-  with TestClient(webapp.create_app(predictor, limits, warmup=False)) as c:
+  with TestClient(webapp.create_app(predictor, limits, warmup=False), base_url=LOCAL) as c:
     _wait_ready(c)
     assert c.get("/healthz").json()["max_upload_bytes"] == 100_000
     noise = np.random.default_rng(1).integers(0, 256, (250, 250), dtype=np.uint8)
@@ -178,7 +179,7 @@ def test_healthz_is_503_while_loading_then_200(predictor):
     release.wait(30)
     return predictor
 
-  with TestClient(webapp.create_app(slow_load, warmup=False)) as c:
+  with TestClient(webapp.create_app(slow_load, warmup=False), base_url=LOCAL) as c:
     r = c.get("/healthz")
     assert r.status_code == 503 and r.json()["status"] == "loading"
     r = _post(c, "a.png", _encode(np.zeros((8, 8), np.uint8), "PNG"))
@@ -186,7 +187,7 @@ def test_healthz_is_503_while_loading_then_200(predictor):
     assert c.get("/").status_code == 200  # the page shows its own "loading" state
     release.set()
     body = _wait_ready(c, timeout=30)
-    assert body["status"] == "ready" and body["workdirs"] == [str(predictor.workdirs[0])]
+    assert body["status"] == "ready" and body["workdirs"] == [predictor.workdirs[0].name]
     assert body["calibration"] == predictor.calibration.to_dict()
 
 
@@ -198,7 +199,7 @@ def test_runs_load_once_and_inference_compiles_once(calibrated_run, smoke_run):
     calls.append(1)
     return inference.Predictor(calibrated_run, batch_size=2)
 
-  with TestClient(webapp.create_app(load)) as c:
+  with TestClient(webapp.create_app(load), base_url=LOCAL) as c:
     _wait_ready(c)
     p = c.app.state.worker.predictor
     assert p._jitted._cache_size() == 1   # pylint: disable=protected-access
@@ -214,13 +215,14 @@ def test_healthz_reports_a_failed_load(tmp_path):
   def broken():
     return inference.Predictor(tmp_path)  # no config.json
 
-  with TestClient(webapp.create_app(broken)) as c:
+  with TestClient(webapp.create_app(broken), base_url=LOCAL) as c:
     deadline = time.monotonic() + 30
     while c.get("/healthz").json()["status"] == "loading" and time.monotonic() < deadline:
       time.sleep(0.05)
     r = c.get("/healthz")
     assert r.status_code == 503 and r.json()["status"] == "error"
-    assert str(tmp_path) in r.json()["error"]
+    # The run is named, the server's path is not.
+    assert tmp_path.name in r.json()["error"] and str(tmp_path) not in r.json()["error"]
     r = _post(c, "a.png", _encode(np.zeros((8, 8), np.uint8), "PNG"))
     assert r.status_code == 503 and "failed to load" in r.json()["error"]
 

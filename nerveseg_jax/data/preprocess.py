@@ -76,3 +76,42 @@ def resize(images: Array, size: Sequence[int], *, is_mask: bool = False) -> jax.
   if is_mask:
     out = (out >= 0.5).astype(jnp.float32)
   return out
+
+
+def _resize_weights(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) float32 weights of `resize` along one axis (jax.image's triangle
+  kernel, widened by the scale when shrinking, rows normalised to sum to 1)."""
+  scale = n_out / n_in
+  kernel_scale = max(1.0 / scale, 1.0)
+  centres = (np.arange(n_out, dtype=np.float64) + 0.5) / scale - 0.5
+  x = np.abs(centres[:, None] - np.arange(n_in, dtype=np.float64)[None, :]) / kernel_scale
+  weights = np.maximum(0.0, 1.0 - x)
+  weights /= weights.sum(axis=1, keepdims=True)
+  return weights.astype(np.float32)
+
+
+def resize_host(image: np.ndarray, size: Sequence[int], *, rows_per_block: int = 512
+                ) -> np.ndarray:
+  """`resize` of one (H, W) frame in numpy, as float32: the same weights, no compile.
+
+  Inference takes frames of any size; resizing them here keeps the jitted programs to
+  one input shape, where `resize` would compile one per source size. The input is
+  converted to float a block of rows at a time, so a large frame costs no full float
+  copy. Matches `resize` to float32 rounding.
+  """
+  h, w = check_size(size)
+  image = np.asarray(image)
+  if image.ndim != 2:
+    raise ValueError(f"resize_host expects (H, W); got shape {image.shape}")
+  n_rows, n_cols = image.shape
+  if (n_rows, n_cols) == (h, w):
+    return image.astype(np.float32)
+  w_rows = _resize_weights(n_rows, h)                 # (h, H)
+  w_cols = _resize_weights(n_cols, w).T               # (W, w)
+  if n_rows <= rows_per_block:  # e.g. a model's output back to its frame: no temporary
+    return w_rows @ (image.astype(np.float32) @ w_cols)
+  out = np.zeros((h, w), np.float32)
+  for start in range(0, n_rows, rows_per_block):
+    block = image[start:start + rows_per_block].astype(np.float32) @ w_cols
+    out += w_rows[:, start:start + rows_per_block] @ block
+  return out

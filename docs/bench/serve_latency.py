@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""The page's latency on CPU: full-frame requests through POST /api/segment.
+
+The default U-Net (configs/unet.py, 128x176 input) with random weights (speed does not
+depend on them) is saved as a run in a temporary folder. A 420x580 frame, the Kaggle
+size, is posted N times with images (the page's request): decode, resize to the
+network's input, network, resize back, post-processing, RLE and three PNGs. Prints p50
+and p95, in process (FastAPI TestClient) and over HTTP (the serve CLI on 127.0.0.1 in a
+subprocess, timed from this one), and the CPU it ran on (docs/serve.md).
+
+Usage, from the repository root:
+  python docs/bench/serve_latency.py [--requests 50] [--batch_size 1]
+"""
+import argparse
+import io
+import os
+import pathlib
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+
+def _lscpu() -> str:
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+  except (OSError, subprocess.CalledProcessError):
+    return "lscpu unavailable"
+  keep = ("Model name", "CPU family", "Model:", "CPU(s):")
+  return "; ".join(" ".join(line.split()) for line in out.splitlines()
+                   if line.strip().startswith(keep))
+
+
+def _save_random_run(workdir: pathlib.Path) -> None:
+  """configs/unet.py's default model, freshly initialised, saved as a training run."""
+  from nerveseg_jax.configs import unet  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax import checkpoint, sharding, train, train_state  # pylint: disable=g-import-not-at-top
+  config = unet.get_config()
+  mesh = sharding.make_mesh(config.mesh)
+  tx, _ = train_state.make_optimizer(config)
+  state, _ = train_state.init_state(config, train_state.model_parts(config), tx, mesh)
+  (workdir / checkpoint.CONFIG_FILE).write_text(config.to_json_best_effort())
+  ckpt = checkpoint.TrainCheckpointer(workdir, keep=1, best_metric="kaggle_score")
+  ckpt.save(0, state, train._meta(config, 0, None, "kaggle_score"))  # pylint: disable=protected-access
+  ckpt.close()
+
+
+def _frame_png() -> bytes:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  # Speckle-like texture (smoothed noise) rather than flat grey, so PNG encoding costs
+  # what a real frame's does.
+  noise = rng.normal(100, 40, (105, 145))
+  frame = np.clip(np.kron(noise, np.ones((4, 4))) + rng.normal(0, 8, (420, 580)), 0, 255)
+  buffer = io.BytesIO()
+  Image.fromarray(frame.astype(np.uint8)).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def _percentiles(times: list[float]) -> str:
+  ms = sorted(t * 1e3 for t in times)
+  p95 = ms[min(len(ms) - 1, int(round(0.95 * (len(ms) - 1))))]
+  return f"p50 {statistics.median(ms):.1f} ms, p95 {p95:.1f} ms (n={len(ms)})"
+
+
+def _time(post, n: int, warm: int = 3) -> list[float]:
+  for _ in range(warm):
+    post()
+  times = []
+  for _ in range(n):
+    start = time.perf_counter()
+    post()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def in_process(workdir: pathlib.Path, data: bytes, n: int, batch_size: int) -> list[float]:
+  from fastapi.testclient import TestClient  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax import inference, webapp  # pylint: disable=g-import-not-at-top
+  app = webapp.create_app(lambda: inference.Predictor(workdir, batch_size=batch_size,
+                                                      which="latest"))
+  with TestClient(app, base_url="http://localhost") as client:
+    while client.get("/healthz").status_code != 200:
+      time.sleep(0.1)
+
+    def post():
+      r = client.post("/api/segment", files={"file": ("frame.png", data)})
+      assert r.status_code == 200, r.text
+
+    return _time(post, n)
+
+
+def over_http(workdir: pathlib.Path, data: bytes, n: int, batch_size: int) -> list[float]:
+  import httpx  # pylint: disable=g-import-not-at-top
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "nerveseg_jax.serve", "--workdir", str(workdir), "--port", "0",
+       "--which", "latest", "--batch_size", str(batch_size)],
+      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  found: list[str] = []
+
+  def read():
+    for line in proc.stdout:
+      m = re.match(r"ready on (http://\S+)", line)
+      if m:
+        found.append(m.group(1))
+        return
+
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  reader.join(600)
+  try:
+    if not found:
+      raise SystemExit(f"the server did not start (exit {proc.poll()})")
+    with httpx.Client(base_url=found[0], timeout=120) as client:
+
+      def post():
+        r = client.post("/api/segment", files={"file": ("frame.png", data)})
+        assert r.status_code == 200, r.text
+
+      return _time(post, n)
+  finally:
+    proc.terminate()
+    proc.wait(30)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--requests", type=int, default=50)
+  parser.add_argument("--batch_size", type=int, default=1)
+  args = parser.parse_args()
+  data = _frame_png()
+  with tempfile.TemporaryDirectory() as tmp:
+    workdir = pathlib.Path(tmp) / "unet_random"
+    workdir.mkdir()
+    _save_random_run(workdir)
+    print(f"cpu: {_lscpu()}; os.cpu_count() {os.cpu_count()}")
+    print(f"in process (TestClient): {_percentiles(in_process(workdir, data, args.requests, args.batch_size))}")
+    print(f"over HTTP (uvicorn, 127.0.0.1): {_percentiles(over_http(workdir, data, args.requests, args.batch_size))}")
+
+
+if __name__ == "__main__":
+  main()
