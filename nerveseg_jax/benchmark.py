@@ -217,8 +217,9 @@ def run(config, *, steps: int = 10, infer_batch: int = 16, workdir: str | None =
     part("fold", lambda: _fold(config, mesh, parts, ctx, train_steps, frames, fold_steps,
                                out.get("compile_s")))
   if inference:
-    part("inference", lambda: _inference(config, ctx["state"], infer_batch, workdir, steps,
-                                         latency_iters))
+    part("inference", lambda: _inference(
+        config, parts.merge(ctx["state"]["params"], ctx["state"]["rest"], None),
+        infer_batch, workdir, steps, latency_iters))
   if dev.platform != "cpu":
     out["peak_device_bytes"] = (dev.memory_stats() or {}).get("peak_bytes_in_use")
   if on_part is not None:
@@ -280,41 +281,32 @@ def _fold(config, mesh, parts, ctx, train_steps, frames: int, steps: int,
           "cv5_estimate_s": NUM_FOLDS * fold_s}
 
 
-def _write_run(config, state, directory: pathlib.Path) -> None:
-  """Saves STATE as a one-checkpoint run that inference.Predictor can load."""
-  from nerveseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from nerveseg_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  workdir_lib.write_config(directory, config)
-  ckpt = checkpoint.TrainCheckpointer(directory, keep=1, best_metric="kaggle_score")
-  ckpt.save(0, state, {"step": 0, "seed": int(config.seed),
-                       "model": workdir_lib.config_to_dict(config)["model"]})
-  ckpt.close()
-
-
-def _inference(config, state, batch: int, workdir: str | None, n: int,
+def _inference(config, model, batch: int, workdir: str | None, n: int,
                latency_iters: int) -> dict[str, Any]:
-  """Full-frame (420x580) inference through inference.Predictor, the one predict fn."""
+  """Full-frame (420x580) inference through inference.Predictor, the one predict fn;
+  of WORKDIR's run, else of MODEL in memory (weights do not change the speed)."""
   from nerveseg_jax import inference  # pylint: disable=g-import-not-at-top
-  with tempfile.TemporaryDirectory() as tmp:
-    if workdir is None:
-      workdir = tmp  # weights do not change the speed: the benchmark's own state
-      _write_run(config, state, pathlib.Path(tmp))
-    res = {}
-    model_size = tuple(int(s) for s in config.data.image_size)
-    # Full frames (420x580: resize in, network, resize back), then frames already at
-    # the network's size: the forward-only figure to set beside other frameworks.
-    for b, size, key in ((1, FRAME, "infer_latency_ms_batch1"),
-                         (batch, FRAME, "infer_frames_per_s"),
-                         (batch, model_size, "infer_images_per_s_model_size")):
-      predictor = inference.Predictor(workdir, batch_size=b, which="latest")
-      fn, x = predictor.forward(b, source_size=size)
-      jax.block_until_ready(fn(x))  # compile
-      if b == 1:
-        times = _timed(lambda: fn(x), max(3, latency_iters))
-        res[key] = _percentile_ms(times, 50)
-        res[key + "_p95"] = _percentile_ms(times, 95)
-      else:
-        res[key] = b / statistics.median(_timed(lambda: fn(x), max(3, n)))
+
+  def predictor(b: int):
+    if workdir is not None:
+      return inference.Predictor(workdir, batch_size=b, which="latest")
+    return inference.Predictor.from_model(config, model, batch_size=b)
+
+  res = {}
+  model_size = tuple(int(s) for s in config.data.image_size)
+  # Full frames (420x580: resize in, network, resize back), then frames already at
+  # the network's size: the forward-only figure to set beside other frameworks.
+  for b, size, key in ((1, FRAME, "infer_latency_ms_batch1"),
+                       (batch, FRAME, "infer_frames_per_s"),
+                       (batch, model_size, "infer_images_per_s_model_size")):
+    fn, x = predictor(b).forward(b, source_size=size)
+    jax.block_until_ready(fn(x))  # compile
+    if b == 1:
+      times = _timed(lambda: fn(x), max(3, latency_iters))
+      res[key] = _percentile_ms(times, 50)
+      res[key + "_p95"] = _percentile_ms(times, 95)
+    else:
+      res[key] = b / statistics.median(_timed(lambda: fn(x), max(3, n)))
   return res
 
 

@@ -325,6 +325,8 @@ def run(main: Callable[[Sequence[str] | None], int | None],
   """Calls main; a user's error (bad file, key or value) is one line on stderr, exit 2."""
   try:
     return int(main(argv) or 0)
+  except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
+    return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     return 130

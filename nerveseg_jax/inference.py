@@ -31,13 +31,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nerveseg_jax import postprocess, rle
+from nerveseg_jax import models, postprocess, rle
 from nerveseg_jax.postprocess import Calibration
 from nerveseg_jax import xla_flags
 
 NO_NERVE = postprocess.NO_NERVE
 NERVE_FOUND = postprocess.NERVE_FOUND
-CLASSIFIER_MODELS = ("inception_resnet_v2",)
+CLASSIFIER_MODELS = models.CLASSIFIERS
 
 
 @dataclasses.dataclass
@@ -83,6 +83,10 @@ def _load_run(workdir: str | pathlib.Path, which: str) -> _Run:
   if not (workdir / "config.json").exists():
     raise FileNotFoundError(f"--workdir {workdir}: no config.json; is this a training workdir?")
   config, model = checkpoint.load_model(workdir, which=which)
+  return _run_of(config, model, workdir)
+
+
+def _run_of(config, model: nnx.Module, workdir: pathlib.Path) -> _Run:
   model.eval()  # BatchNorm running statistics, no dropout
   graphdef, state = nnx.split(model)
   size = tuple(int(s) for s in config.data.image_size)
@@ -215,10 +219,7 @@ class Predictor:
     self.classifier_workdir = (pathlib.Path(classifier_workdir).expanduser()
                                if classifier_workdir else None)
     self.runs = [_load_run(w, which) for w in self.workdirs]
-    for run in self.runs:
-      if run.name in CLASSIFIER_MODELS:
-        raise ValueError(f"--workdir {run.workdir}: a classifier run ({run.name}); "
-                         "pass it as --classifier_workdir")
+    self._check_runs()
     self.classifier = None
     if self.classifier_workdir is not None:
       self.classifier = _load_run(self.classifier_workdir, which)
@@ -237,7 +238,32 @@ class Predictor:
       if self.classifier is not None:
         calibration = self._classifier_presence_threshold(calibration)
     self.calibration = calibration
+    self._compile_set()
 
+  @classmethod
+  def from_model(cls, config, model: nnx.Module, *, tta: bool = False, batch_size: int = 8,
+                 calibration: Calibration | None = None) -> "Predictor":
+    """A Predictor of a model in memory (its config gives the input size), e.g. the
+    benchmark's or a test's freshly built one: no workdir is written or read."""
+    self = cls.__new__(cls)
+    if batch_size < 1:
+      raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    self.batch_size, self.tta = int(batch_size), bool(tta)
+    self.workdirs, self.classifier_workdir, self.classifier = [], None, None
+    self.runs = [_run_of(config, model, pathlib.Path("<in memory>"))]
+    self._check_runs()
+    self.calibration = calibration or Calibration()
+    self._compile_set()
+    return self
+
+  def _check_runs(self) -> None:
+    for run in self.runs:
+      if run.name in CLASSIFIER_MODELS:
+        raise ValueError(f"--workdir {run.workdir}: a classifier run ({run.name}); "
+                         "pass it as --classifier_workdir")
+
+  def _compile_set(self) -> None:
+    """The device state and the one jitted program of these runs."""
     # Shard the batch over the local devices when it divides evenly; else one device.
     devices = jax.local_devices()
     n = len(devices) if self.batch_size % len(devices) == 0 else 1

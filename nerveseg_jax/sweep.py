@@ -11,7 +11,7 @@ A run's config is the --config file, then the sweep's base, then the command lin
 ``--config.KEY`` overrides, then the run's own keys. Every run's config is built and
 checked before the first one trains.
 
-Each run trains with ``train.train_and_evaluate`` in WORKDIR/<name>, one after another;
+Each run trains with ``trainer.train_and_evaluate`` in WORKDIR/<name>, one after another;
 WORKDIR/sweep.md and sweep.json are rewritten after every run. Run the same command
 again after an interruption: finished runs are read back (WORKDIR/<name>/sweep_result.json),
 a preempted or killed one resumes from its checkpoint, and its evaluations so far are in
@@ -171,9 +171,9 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir, where: str) -> No
 
 
 def _evaluate_at_source_size(workdir, metric: str) -> dict[str, Any]:
-  """The run's last checkpoint scored by `evaluate` on its validation fold, uncalibrated."""
-  from nerveseg_jax import evaluate  # pylint: disable=g-import-not-at-top
-  out = evaluate.run(str(workdir), split="val", which="latest", calibrate_split=False)
+  """The run's last checkpoint scored by scoring.run (what nerveseg-evaluate runs) on its validation fold, uncalibrated."""
+  from nerveseg_jax import scoring  # pylint: disable=g-import-not-at-top
+  out = scoring.run(str(workdir), split="val", which="latest", calibrate_split=False)
   keys = ("kaggle_score", "dice_nerve_frames", "presence_precision", "presence_recall")
   m = {k: out["metrics"].get(k) for k in keys}
   return {"source_size": m, "source_final": m.get(SOURCE_METRIC[metric])}
@@ -182,7 +182,7 @@ def _evaluate_at_source_size(workdir, metric: str) -> dict[str, Any]:
 def run_one(config: ml_collections.ConfigDict, run: dict[str, Any], workdir,
             metric: str, where: str, at_source_size: bool = False) -> dict[str, Any]:
   """Trains one run (or reads back its finished result) and returns its summary."""
-  from nerveseg_jax import train  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax import trainer  # pylint: disable=g-import-not-at-top
   overrides = _jsonable({k: v for k, v in run.items() if k != "name"})
   result_path = workdir / RESULT_FILE
   if result_path.exists():
@@ -206,11 +206,11 @@ def run_one(config: ml_collections.ConfigDict, run: dict[str, Any], workdir,
   t0 = time.perf_counter()
   summary: dict[str, Any] = {"name": run["name"], "overrides": overrides}
   try:
-    result = train.train_and_evaluate(config, workdir)
-  except train.NonFiniteLossError as e:
+    result = trainer.train_and_evaluate(config, workdir)
+  except trainer.NonFiniteLossError as e:
     # A diverging setting is a result of the sweep, not a reason to stop it.
     summary.update(status="diverged", error=str(e), steps=None)
-  except (ValueError, FileNotFoundError, train.WorkdirError) as e:
+  except (ValueError, FileNotFoundError, trainer.WorkdirError) as e:
     raise SweepError(f"{where} ({workdir}): {e}") from e
   else:
     if result.get("preempted"):

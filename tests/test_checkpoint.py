@@ -26,8 +26,7 @@ def _fresh_state_cached(features):
   config = _config(features)
   mesh = sharding.make_mesh(config.mesh)
   tx, _ = train_state.make_optimizer(config)
-  parts = train_state.model_parts(config)
-  return train_state.init_state(config, parts, tx, mesh)
+  return train_state.init_state(config, tx, mesh)
 
 
 def _fresh_state(config):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from nerveseg_jax import evaluate, postprocess
+from nerveseg_jax.data import labelled
 from nerveseg_jax import workdir as workdir_lib
 
 
@@ -56,7 +57,7 @@ def test_evaluated_score_is_the_project_dice_at_source_size(val_eval):
   """Recompute per_frame.csv's Dice from the masks the predictor writes at source size."""
   from nerveseg_jax import inference, metrics
   config = workdir_lib.read_config(val_eval)
-  frames = list(evaluate._dataset_frames(config.data, "val"))
+  frames = list(labelled.dataset_frames(config.data, "val"))
   assert all(f.image.shape == (420, 580) for f in frames)   # source, not training, size
   predictor = inference.Predictor(val_eval)                 # reads calibration.json
   results = predictor.predict([f.image for f in frames], [f.name for f in frames])
@@ -96,7 +97,7 @@ def test_test_split_scores_with_synthetic_truth_or_says_why(val_eval, run_root, 
   config = workdir_lib.read_config(val_eval)
   config.data.manual_dir = str(tmp_path)        # a tree without test_truth.csv
   with pytest.raises(ValueError, match="unlabelled.*test_truth.csv"):
-    evaluate._find_test_truth(config.data)
+    labelled.find_test_truth(config.data)
 
 
 def test_summarize_by_hand():
@@ -150,9 +151,9 @@ def test_config_flag_overrides_the_workdirs_config(val_eval, tmp_path):
   with open(workdir / "eval" / "per_frame.csv", newline="") as f:
     scored = {r["name"] for r in csv.DictReader(f)}
   config.data.fold = other_fold
-  assert scored == evaluate.split_ids(config.data, "val")
+  assert scored == labelled.split_ids(config.data, "val")
   config.data.fold = other_fold - 1 if other_fold else int(config.data.num_folds) - 1
-  assert scored != evaluate.split_ids(config.data, "val")
+  assert scored != labelled.split_ids(config.data, "val")
   assert evaluate.main(["--workdir", str(workdir), "--config", str(tmp_path / "no.py")]) == 2
 
 

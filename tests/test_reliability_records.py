@@ -234,7 +234,7 @@ def test_a_workdir_under_a_plain_file_is_one_line_without_traceback(tmp_path):
       [sys.executable, "-m", "nerveseg_jax.train", "--config",
        str(REPO / "configs" / "unet.py") + ":smoke", f"--workdir={workdir}"],
       capture_output=True, text=True, timeout=300, cwd=REPO, env=SUBPROCESS_ENV)
-  assert p.returncode == 1, p.stderr[-3000:]
+  assert p.returncode == 2, p.stderr[-3000:]
   assert "Traceback" not in p.stderr, p.stderr[-3000:]
   last = p.stderr.strip().splitlines()[-1]
   assert last.startswith(f"error: cannot write {workdir}: Not a directory"), last

@@ -72,7 +72,7 @@ class _FakePredictor:
 
 
 def _healthz(app) -> dict:
-  with TestClient(app) as client:
+  with TestClient(app, base_url="http://localhost") as client:
     deadline = time.monotonic() + 30
     while (r := client.get("/healthz")).status_code != 200:
       assert time.monotonic() < deadline, r.text
@@ -109,7 +109,7 @@ def test_uncertain_margin_is_checked():
 
 def test_favicon_is_served_and_linked(tmp_path):
   app = webapp.create_app(_FakePredictor([tmp_path]), warmup=False)
-  with TestClient(app) as client:
+  with TestClient(app, base_url="http://localhost") as client:
     page = client.get("/").text
     href = re.search(r'<link rel="icon"[^>]*href="([^"]+)"', page).group(1)
     r = client.get(href)

@@ -117,6 +117,22 @@ def _kaggle_manual_dir(data_cfg, data_dir: pathlib.Path) -> pathlib.Path:
   return manual
 
 
+def synthetic_key(data_cfg) -> str:
+  """The generated set's name: its size and seed (one folder per distinct set)."""
+  return (f"s{data_cfg.synthetic_subjects}_f{data_cfg.synthetic_frames}"
+          f"_seed{data_cfg.synthetic_seed}")
+
+
+def raw_tree(data_cfg) -> pathlib.Path | None:
+  """The raw Kaggle-layout tree a build reads: data.manual_dir, or for the synthetic
+  source the generated tree (which may not exist yet); None when unset."""
+  if data_cfg.manual_dir:
+    return _expand(data_cfg.manual_dir)
+  if data_cfg.source == "synthetic":
+    return _data_dir(data_cfg) / "synthetic_raw" / synthetic_key(data_cfg)
+  return None
+
+
 def _synthetic_tree(data_cfg, data_dir: pathlib.Path, key: str) -> pathlib.Path:
   """The generated Kaggle-layout tree, written atomically on first use."""
   from nerveseg_jax.data import synthetic  # pylint: disable=g-import-not-at-top
@@ -252,8 +268,7 @@ def build(data_cfg: ml_collections.ConfigDict):
                                 "(expected one holding images/ and masks/)")
       config, build_dir = "folder", data_dir / "folder" / _path_key(manual)
     elif source == "synthetic":
-      key = (f"s{data_cfg.synthetic_subjects}_f{data_cfg.synthetic_frames}"
-             f"_seed{data_cfg.synthetic_seed}")
+      key = synthetic_key(data_cfg)
       manual = _synthetic_tree(data_cfg, data_dir, key)
       config, build_dir = "kaggle", data_dir / "synthetic" / key
     else:
