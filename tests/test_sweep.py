@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from nerveseg_jax import sweep
-from nerveseg_jax import train, train_state
+from nerveseg_jax import train, train_state, trainer
 from nerveseg_jax import workdir as workdir_lib
 from nerveseg_jax.configs import unet
 from test_train import REPO, smoke_config, smoke_data_dir
@@ -51,7 +51,7 @@ def test_sweep_trains_each_run_tabulates_and_reads_back(data_dir, tmp_path, monk
   # they are scored by the metric asked for now.
   def no_training(*a, **k):
     raise AssertionError("a finished run was trained again")
-  monkeypatch.setattr(train, "train_and_evaluate", no_training)
+  monkeypatch.setattr(trainer, "train_and_evaluate", no_training)
   again, _ = sweep.run_sweep(smoke_config(data_dir), spec, tmp_path, title="t",
                              overrides={"log_every_steps": 4})
   assert [s["final"] for s in again] == [s["final"] for s in got]
@@ -99,7 +99,7 @@ def _fake_train(finals, raises=()):
 
 def test_ranking_handles_nan_missing_and_diverged_runs(tmp_path, monkeypatch):
   finals = {1e-3: 0.2, 2e-3: float("nan"), 3e-3: 0.9, 4e-3: None}
-  monkeypatch.setattr(train, "train_and_evaluate", _fake_train(finals, raises=(5e-3,)))
+  monkeypatch.setattr(trainer, "train_and_evaluate", _fake_train(finals, raises=(5e-3,)))
   spec = {"runs": [{"name": "a", "learning_rate": 1e-3}, {"name": "nan", "learning_rate": 2e-3},
                    {"name": "c", "learning_rate": 3e-3}, {"name": "none", "learning_rate": 4e-3},
                    {"name": "huge", "learning_rate": 5e-3}]}
@@ -132,7 +132,7 @@ def test_preemption_stops_the_sweep_and_the_rerun_resumes(tmp_path, monkeypatch)
     workdir_lib.append_val_history(workdir, 4, {"kaggle_score": 0.5 + 0.25 * (len(calls) == 3)})
     return {"step": 4, "preempted": False}
 
-  monkeypatch.setattr(train, "train_and_evaluate", fake)
+  monkeypatch.setattr(trainer, "train_and_evaluate", fake)
   spec = {"runs": [{"name": "a"}, {"name": "b"}]}
   with pytest.raises(sweep.Preempted):
     sweep.run_sweep(unet.get_config("smoke"), spec, tmp_path)
@@ -146,7 +146,7 @@ def test_preemption_stops_the_sweep_and_the_rerun_resumes(tmp_path, monkeypatch)
 
 
 def test_bad_keys_and_metrics_fail_before_anything_trains(tmp_path, monkeypatch):
-  monkeypatch.setattr(train, "train_and_evaluate",
+  monkeypatch.setattr(trainer, "train_and_evaluate",
                       lambda *a: pytest.fail("trained despite a bad sweep"))
   cfg = unet.get_config("smoke")
   spec = {"runs": [{"name": "fine"}, {"name": "typo", "model.featurs": 8}]}
