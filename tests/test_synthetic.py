@@ -200,12 +200,12 @@ def test_nerve_is_a_little_brighter_inside_its_outline():
 
 
 # Statistics of real frames, measured with docs/bench/synthetic_stats.py (its
-# summarise(), defined there) on the 55 training frames of kaggle_subjects_1_2 (gray
-# levels, grain, bands, dark regions) and, for the nerve, on every 8th frame of
-# nerve_real_subset (192 frames, un-letterboxed and resized back to 580x420).
+# summarise()) on the 55 untouched training frames of kaggle_subjects_1_2 (the nerve
+# figures on its 18 nerve frames; 192 letterboxed JPEG frames of nerve_real_subset
+# give a subtler 1.19 and 0.40, inside the tolerances below).
 REAL = dict(mean=94.2, std=57.4, p5=22, p25=53, p50=81, p75=124, p95=217,
             grain_lateral=13.0, grain_axial=2.40, bright_bands=0.103, dark_regions=0.083,
-            nerve_ratio=1.19, nerve_d=0.40)
+            nerve_ratio=1.30, nerve_d=0.70)
 # How far synthetic frames may stray from them: absolute for gray levels and the
 # nerve, relative (a factor) for grain, bands and dark regions.
 ABS_TOL = dict(mean=8, std=8, p5=10, p25=10, p50=10, p75=10, p95=20,
@@ -250,11 +250,8 @@ def test_statistics_match_real_frames_reference(stats):
 def test_statistics_match_real_frames(stats, shared_data):
   mod, got = stats
   real = mod.summarise(*mod.read_kaggle_tree(shared_data / "kaggle_subjects_1_2"))
-  nerves = mod.summarise(*mod.read_nerve_subset(shared_data / "nerve_real_subset",
-                                                every=16))
-  # The stored reference is what these frames measure (nerve: a different sample).
+  # The stored reference is what these frames measure ...
   for k in REAL:
-    if not k.startswith("nerve"):
-      assert np.isclose(real[k], REAL[k], rtol=0.01, atol=0), (k, real[k])
-  real.update({k: v for k, v in nerves.items() if k.startswith("nerve")})
-  assert not _far(got, {k: real[k] for k in REAL}), _far(got, real)
+    assert np.isclose(real[k], REAL[k], rtol=0.01, atol=0), (k, real[k])
+  # ... and the synthetic frames are as close to the frames themselves.
+  assert not _far(got, real), _far(got, real)

@@ -11,9 +11,12 @@ training, evaluation, submission) runs unchanged on it:
   planted_duplicates.csv empty_id,nerve_id     planted contradictory near-duplicates
 
 Image model (one subject = one probe sweep over a fixed piece of "world" tissue):
-echogenicity = streaky tissue texture + bright near-horizontal fascia + dark vessels +
-the nerve (dark fascicles in a bright rim), cropped by a probe window that drifts
-smoothly; times depth attenuation; times Rayleigh speckle; then log-like compression.
+echogenicity = tissue layers + long horizontal fibre texture + bright fascia bands +
+dark muscle bellies + dark vessels + the nerve (a little brighter than its
+surroundings, with bright fascicle echoes and a partial arc), cropped by a probe window
+that drifts smoothly; times depth attenuation; times weak, coarse speckle; then a log
+and a gray map onto real frames' gray-level percentiles. docs/synthetic.md compares
+the result's statistics with real frames'.
 
 CLI: python -m nerveseg_jax.data.synthetic --out DIR [--subjects N --frames M --seed S]
 """
@@ -229,7 +232,7 @@ def _draw_nerve(e_img: np.ndarray, n: _Nerve, cy: float, cx: float, scale: float
   rim = beam * (0.6 + 0.4 * np.cos(3 * theta + ph[2])) * np.exp(
       -((rho - boundary) / 0.12) ** 2)
   alpha = 1.0 / (1.0 + np.exp((rho - boundary) / 0.06))
-  inner = 1.0 + 0.7 * alpha + (2.0 * dash - 0.4 * core) * alpha
+  inner = 1.0 + 0.9 * alpha + (2.0 * dash - 0.4 * core) * alpha
   e_img[sl] *= 1.0 + contrast * (inner - 1.0)
   e_img[sl] += contrast * 4.0 * rim
   mask[sl] = rho <= boundary
@@ -298,7 +301,7 @@ def _render_subject(rng: np.random.Generator, frames: int, n_on: int) -> list[_F
   pulse_period = rng.uniform(4, 9)
   presence = _presence(rng, frames, n_on)
   # How strongly this subject's nerve stands out: rarely more than a little.
-  contrast = rng.uniform(0.5, 1.0)
+  contrast = rng.uniform(0.8, 1.2)
   atten = rng.uniform(0.6, 1.2)
   depth = np.exp(-atten * np.arange(h, dtype=np.float32) / h)[:, None]
   lateral = 1.0 - 0.12 * ((np.arange(w, dtype=np.float32) - w / 2) / (w / 2)) ** 2
