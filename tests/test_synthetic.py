@@ -199,6 +199,24 @@ def test_nerve_is_a_little_brighter_inside_its_outline():
   assert np.all(flat == 1.0)
 
 
+def test_nerve_contrast_scales_only_the_nerve(tmp_path):
+  mod = _stats_module()
+  kw = dict(subjects=1, frames=8, test_subjects=0, seed=4)
+  base = mod.read_kaggle_tree(synthetic.write_tree(tmp_path / "a", **kw))
+  strong = mod.read_kaggle_tree(synthetic.write_tree(tmp_path / "b", nerve_contrast=3.0, **kw))
+  ratios = []
+  for (f1, m1), (f3, m3) in zip(zip(*base), zip(*strong)):
+    np.testing.assert_array_equal(m1, m3)           # same frames, same outlines
+    if m1.any():
+      ratios.append((mod.nerve_stats(f1, m1)["nerve_ratio"],
+                     mod.nerve_stats(f3, m3)["nerve_ratio"]))
+    else:  # frames without a nerve and away from one are untouched
+      assert np.abs(f1.astype(int) - f3).mean() < 2
+  assert ratios and all(r3 > r1 + 0.2 for r1, r3 in ratios), ratios
+  with pytest.raises(ValueError, match="nerve_contrast"):
+    synthetic.write_tree(tmp_path / "c", nerve_contrast=-1.0, **kw)
+
+
 # Statistics of real frames, measured with docs/bench/synthetic_stats.py (its
 # summarise()) on the 55 untouched training frames of kaggle_subjects_1_2 (the nerve
 # figures on its 18 nerve frames; 192 letterboxed JPEG frames of nerve_real_subset

@@ -233,7 +233,7 @@ def _draw_nerve(e_img: np.ndarray, n: _Nerve, cy: float, cx: float, scale: float
       -((rho - boundary) / 0.12) ** 2)
   alpha = 1.0 / (1.0 + np.exp((rho - boundary) / 0.06))
   inner = 1.0 + 0.9 * alpha + (2.0 * dash - 0.4 * core) * alpha
-  e_img[sl] *= 1.0 + contrast * (inner - 1.0)
+  e_img[sl] *= inner ** contrast  # a power, so a raised contrast stays positive
   e_img[sl] += contrast * 4.0 * rim
   mask[sl] = rho <= boundary
   return mask
@@ -283,7 +283,8 @@ def _presence(rng: np.random.Generator, frames: int, n_on: int) -> np.ndarray:
   return c
 
 
-def _render_subject(rng: np.random.Generator, frames: int, n_on: int) -> list[_Frame]:
+def _render_subject(rng: np.random.Generator, frames: int, n_on: int,
+                    nerve_contrast: float = 1.0) -> list[_Frame]:
   h, w = HEIGHT, WIDTH
   tissue_a, tissue_b = _tissue(rng), _tissue(rng)
   morph = 0.5 + 0.5 * np.sin(rng.uniform(0, 2 * np.pi)
@@ -301,7 +302,7 @@ def _render_subject(rng: np.random.Generator, frames: int, n_on: int) -> list[_F
   pulse_period = rng.uniform(4, 9)
   presence = _presence(rng, frames, n_on)
   # How strongly this subject's nerve stands out: rarely more than a little.
-  contrast = rng.uniform(0.8, 1.2)
+  contrast = rng.uniform(0.8, 1.2) * nerve_contrast
   atten = rng.uniform(0.6, 1.2)
   depth = np.exp(-atten * np.arange(h, dtype=np.float32) / h)[:, None]
   lateral = 1.0 - 0.12 * ((np.arange(w, dtype=np.float32) - w / 2) / (w / 2)) ** 2
@@ -322,6 +323,9 @@ def _render_subject(rng: np.random.Generator, frames: int, n_on: int) -> list[_F
     for v in vessels:
       pulse = 1.0 + 0.1 * np.sin(2 * np.pi * t / pulse_period)
       _draw_vessel(e, v, v.cy - y0, v.cx - x0, pulse)
+    # The gray map is fitted without the nerve, so the nerve's contrast leaves the
+    # rest of the subject's frames unchanged.
+    nerve_free = e + skin if knots is None else None
     mask = np.zeros((h, w), bool)
     if presence[t] > 0:
       m = _draw_nerve(e, nerve, nerve.cy - y0, nerve.cx - x0, 1.0 + n_wob[t],
@@ -339,7 +343,8 @@ def _render_subject(rng: np.random.Generator, frames: int, n_on: int) -> list[_F
     speckle = 0.4 + 0.6 * speckle / speckle.mean()
     log_i = np.log(e * depth * lateral * speckle + 1e-3)
     if knots is None:
-      knots = np.percentile(log_i[::3, ::3], _GRAY_PERCENTILES)
+      free = np.log(nerve_free * depth * lateral * speckle + 1e-3)
+      knots = np.percentile(free[::3, ::3], _GRAY_PERCENTILES)
     img = np.interp(log_i, knots, levels).astype(np.uint8)
     # The orientation marker of the scanner at the top centre.
     for r in range(5):
@@ -371,12 +376,17 @@ def _save_tif(path: pathlib.Path, array: np.ndarray) -> None:
 
 
 def write_tree(out_dir: str | os.PathLike, *, subjects: int = 10, frames: int = 40,
-               test_subjects: int = 2, seed: int = 0) -> pathlib.Path:
+               test_subjects: int = 2, seed: int = 0,
+               nerve_contrast: float = 1.0) -> pathlib.Path:
   """Writes a synthetic Kaggle-layout tree into out_dir and returns its path.
 
   Deterministic in (subjects, frames, test_subjects, seed). out_dir must be absent or
-  empty, so a previous tree is never silently mixed with a new one.
+  empty, so a previous tree is never silently mixed with a new one. nerve_contrast
+  scales how far the nerve stands out: 1 is as subtle as in real frames; tiny test
+  runs that must find the nerve within a few steps raise it.
   """
+  if nerve_contrast < 0:
+    raise ValueError(f"write_tree: need nerve_contrast >= 0; got {nerve_contrast}")
   if subjects < 1 or frames < 1 or test_subjects < 0:
     raise ValueError(f"write_tree: need subjects >= 1, frames >= 1, test_subjects >= 0; "
                      f"got {subjects}, {frames}, {test_subjects}")
@@ -393,7 +403,7 @@ def write_tree(out_dir: str | os.PathLike, *, subjects: int = 10, frames: int = 
     rows.writerow(["subject", "img", "pixels"])
     for s in range(1, subjects + 1):
       rng = np.random.default_rng([seed, 0, s])
-      sub = _render_subject(rng, frames, int(n_on[s - 1]))
+      sub = _render_subject(rng, frames, int(n_on[s - 1]), nerve_contrast)
       # About half the subjects carry one contradictory pair, and the first always
       # does (when it can) so small trees still exercise the duplicates option.
       if s == 1 or rng.uniform() < 0.5:
@@ -412,7 +422,8 @@ def write_tree(out_dir: str | os.PathLike, *, subjects: int = 10, frames: int = 
   test = []
   n_on = _nerve_counts(np.random.default_rng([seed, 4]), max(test_subjects, 1), frames)
   for s in range(test_subjects):
-    test += _render_subject(np.random.default_rng([seed, 1, s]), frames, int(n_on[s]))
+    test += _render_subject(np.random.default_rng([seed, 1, s]), frames, int(n_on[s]),
+                            nerve_contrast)
   order = np.random.default_rng([seed, 2]).permutation(len(test))
   with open(out / "test_truth.csv", "w", newline="") as ft, \
        open(out / "sample_submission.csv", "w", newline="") as fs:
