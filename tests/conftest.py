@@ -36,11 +36,11 @@ def shared_data() -> pathlib.Path:
 
 
 # The smoke config made just strong enough to find the synthetic nerves (the end-to-end
-# test requires beating an all-empty submission): measured val Dice on nerve frames
-# 0.90 after 150 steps, 0.0 after 80 (the U-Net first learns to predict empty masks).
+# test requires beating an all-empty submission on the synthetic test frames); the
+# U-Net first learns to predict empty masks (val Dice on nerve frames 0.0 at step 75).
 SMOKE_STEPS = 150
-# The smoke set's nerves stand out this many times more than real ones: at real
-# contrast 3 training subjects and 150 steps find no nerve at all.
+# The smoke set's nerves stand out this many times more than real ones: at the real
+# frames' contrast, 3 training subjects and 150 steps find no nerve on the test frames.
 SMOKE_NERVE_CONTRAST = 3.0
 
 
