@@ -13,8 +13,8 @@ Demo command and expected result (no download needed):
   python -m nerveseg_jax.train --config configs/unet.py:synthetic
     -> runs/unet_synthetic; validation (fold 0 of 5 over the 20 synthetic subjects,
        frames matched to real ones' statistics, docs/synthetic.md) at step 300:
-       Kaggle score ~0.45, Dice on nerve frames ~0.58, presence accuracy ~0.48
-       (measured 0.453 / 0.577 / 0.475, 4.6 minutes in all on the shared 2-core CPU,
+       Kaggle score ~0.43, Dice on nerve frames ~0.53, presence accuracy ~0.44
+       (measured 0.431 / 0.529 / 0.438, 3.6 minutes in all on the shared 2-core CPU,
        data generation and compile included). The outlines are learnt; the nerve-or-not
        decision is not, so the score stays below the all-empty submission's 0.56.
   Smoke (tests): configs/unet.py:smoke trains 20 steps of a 4-feature U-Net at 64x96; the
