@@ -11,9 +11,12 @@ training, evaluation, submission) runs unchanged on it:
   planted_duplicates.csv empty_id,nerve_id     planted contradictory near-duplicates
 
 Image model (one subject = one probe sweep over a fixed piece of "world" tissue):
-echogenicity = streaky tissue texture + bright near-horizontal fascia + dark vessels +
-the nerve (dark fascicles in a bright rim), cropped by a probe window that drifts
-smoothly; times depth attenuation; times Rayleigh speckle; then log-like compression.
+echogenicity = tissue layers + long horizontal fibre texture + bright fascia bands +
+dark muscle bellies + dark vessels + the nerve (a little brighter than its
+surroundings, with bright fascicle echoes and a partial arc), cropped by a probe window
+that drifts smoothly; times depth attenuation; times weak, coarse speckle; then a log
+and a gray map onto real frames' gray-level percentiles. docs/synthetic.md compares
+the result's statistics with real frames'.
 
 CLI: python -m nerveseg_jax.data.synthetic --out DIR [--subjects N --frames M --seed S]
 """
@@ -38,6 +41,13 @@ WIDTH = 580
 NERVE_FRACTION = 0.41    # fraction of real training frames with a nerve
 _MARGIN = 72             # world canvas margin the probe window can drift into
 _WORLD = (HEIGHT + 2 * _MARGIN, WIDTH + 2 * _MARGIN)
+# The scanner's gray map: the gray levels at the 0th, 5th, ..., 95th percentiles of
+# real training frames (55 frames of two subjects, pooled), and 255 from the 97.5th on
+# (2.5% of real pixels are saturated). Each subject's log-echo image is mapped onto
+# them (with a small gain change), so its histogram matches the real frames'.
+_GRAY_PERCENTILES = np.append(np.arange(0, 100, 5), 97.5)
+_GRAY_LEVELS = np.array([0, 22, 31, 41, 48, 53, 58, 64, 70, 75, 81, 87, 94, 102, 112,
+                         124, 139, 155, 176, 217, 255], np.float32)
 
 
 @dataclasses.dataclass
@@ -81,30 +91,58 @@ def _smooth_walk(rng: np.random.Generator, n: int, amplitude: float,
 
 
 def _tissue(rng: np.random.Generator) -> np.ndarray:
-  """World echogenicity: streaky texture, muscle/fat patches and bright fascia."""
+  """World echogenicity: tissue layers, fibre streaks, fascia bands, dark muscle bellies."""
   h, w = _WORLD
-  streaks = _smooth_noise(rng, _WORLD, (1.5, 9.0))
-  fine = _smooth_noise(rng, _WORLD, (1.0, 3.0))
-  patches = _smooth_noise(rng, _WORLD, (26.0, 38.0))
-  # exp() skews the texture towards short bright dashes on a darker ground, the look
-  # of muscle fibres and fat septa.
-  e = 0.22 * np.exp(0.45 * streaks + 0.2 * fine) * np.exp(0.35 * patches)
-  # Fascia: gently curved bright sheets of varied length, broken along their length.
-  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-  for _ in range(rng.integers(18, 28)):
-    # Denser and brighter near the skin, as in real neck scans.
-    y0 = h * (rng.uniform(0.0, 1.0) ** 1.3)
-    amp, period = rng.uniform(3, 30), rng.uniform(200, 800)
-    slope, phase = rng.uniform(-0.15, 0.15), rng.uniform(0, 2 * np.pi)
-    x0 = rng.uniform(-0.2, 0.9) * w
-    x1 = x0 + rng.uniform(0.15, 0.9) * w
-    thick = rng.uniform(1.5, 4.5)
-    bright = rng.uniform(0.5, 2.2) * (1.3 - 0.7 * y0 / h)
-    yc = y0 + amp * np.sin(2 * np.pi * xx[0] / period + phase) + slope * (xx[0] - w / 2)
-    along = np.clip(0.6 + 0.6 * _smooth_noise(rng, (w,), 14.0), 0, 1.3)
-    ends = np.clip(np.minimum(xx[0] - x0, x1 - xx[0]) / 25.0, 0, 1)
-    rows = slice(int(max(yc.min() - 4 * thick, 0)), int(min(yc.max() + 4 * thick + 1, h)))
-    prof = np.exp(-((yy[rows] - yc[None]) / thick) ** 2) * (along * ends)[None]
+  yy = np.arange(h, dtype=np.float32)[:, None]
+  xx = np.arange(w, dtype=np.float32)
+  # Layers (skin, fat, muscles) with near-horizontal, gently undulating boundaries;
+  # each layer has its own echo level, as muscle is darker than fat and connective tissue.
+  n = int(rng.integers(5, 9))
+  tops = np.sort(rng.uniform(0.0, 1.0, n) ** 1.2) * h
+  curves = [y0 + rng.uniform(5, 35) * np.sin(2 * np.pi * xx / rng.uniform(300, 900)
+                                              + rng.uniform(0, 2 * np.pi))
+            + rng.uniform(-0.2, 0.2) * (xx - w / 2) + 6 * _smooth_noise(rng, (w,), 30.0)
+            for y0 in tops]
+  layer = sum((yy > c[None]).astype(np.int32) for c in curves)
+  level = np.exp(rng.normal(0.0, 0.6, n + 1)).astype(np.float32)
+  e = ndimage.gaussian_filter(level[layer], 3.0)
+  # Fibre texture: long horizontal streaks; exp() skews it towards short bright dashes
+  # on a darker ground, the look of muscle fibres and fat septa.
+  streaks = _smooth_noise(rng, _WORLD, (2.2, 12.0))
+  patches = _smooth_noise(rng, _WORLD, (30.0, 45.0))
+  e *= np.exp(0.55 * streaks + 0.3 * patches)
+  # Hypoechoic muscle bellies: large dark lens shapes with soft edges, wrapped in
+  # fascia that echo most along their top and bottom (facing the beam).
+  for _ in range(rng.integers(2, 5)):
+    cy, cx = rng.uniform(0.2, 1.0) * h, rng.uniform(0, w)
+    ry, rx = rng.uniform(30, 80), rng.uniform(50, 160)
+    dy, dx = (yy - cy) / ry, (xx[None] - cx) / rx
+    rho = np.hypot(dy, dx)
+    e *= 1.0 - rng.uniform(0.6, 0.9) * 0.5 * (1.0 - np.tanh((rho - 1.0) / 0.24))
+    facing = (dy / np.maximum(rho, 1e-3)) ** 2
+    e += rng.uniform(1.0, 3.5) * facing * np.exp(-((rho - 1.05) / 0.06) ** 2)
+  # Fascia: bright sheets along most layer boundaries and as free segments,
+  # thick near the skin, broken along their length.
+  sheets = [(c, True) for c in curves if rng.uniform() < 0.8]
+  for _ in range(rng.integers(14, 24)):
+    y0 = h * rng.uniform(0.0, 1.0) ** 1.2
+    c = (y0 + rng.uniform(3, 25) * np.sin(2 * np.pi * xx / rng.uniform(150, 600)
+                                          + rng.uniform(0, 2 * np.pi))
+         + rng.uniform(-0.15, 0.15) * (xx - w / 2))
+    sheets.append((c, False))
+  for c, long in sheets:
+    depth = float(np.clip(c.mean() / h, 0, 1))
+    if long:
+      x0, x1 = -w, 2 * w
+    else:
+      x0 = rng.uniform(-0.2, 0.9) * w
+      x1 = x0 + rng.uniform(0.1, 0.6) * w
+    thick = rng.uniform(2.0, 6.0) * (1.3 - 0.6 * depth)
+    bright = rng.uniform(2.0, 7.0) * (1.3 - 0.6 * depth)
+    along = np.clip(0.5 + 0.7 * _smooth_noise(rng, (w,), 18.0), 0, 1.4)
+    ends = np.clip(np.minimum(xx - x0, x1 - xx) / 30.0, 0, 1)
+    rows = slice(int(max(c.min() - 4 * thick, 0)), int(min(c.max() + 4 * thick + 1, h)))
+    prof = np.exp(-((yy[rows] - c[None]) / thick) ** 2) * (along * ends)[None]
     e[rows] += bright * prof
   return np.clip(e, 0.02, None).astype(np.float32)
 
@@ -118,14 +156,13 @@ def _new_nerve(rng: np.random.Generator) -> _Nerve:
   k = np.arange(2, 6)
   harmonics = np.stack([k, rng.uniform(0, 0.07, k.size) / np.sqrt(k - 1),
                         rng.uniform(0, 2 * np.pi, k.size)], 1)
-  # Fascicles on a jittered hexagonal grid inside the unit disc: the honeycomb.
-  sp = rng.uniform(0.30, 0.40)
-  g = np.arange(-3, 4)
-  gy, gx = np.meshgrid(g, g, indexing="ij")
-  pts = np.stack([gy * sp * 0.866, (gx + 0.5 * (gy % 2)) * sp], -1).reshape(-1, 2)
-  pts = pts + rng.normal(0, sp * 0.12, pts.shape)
-  pts = pts[np.hypot(pts[:, 0], pts[:, 1]) < 0.78]
-  radii = sp * rng.uniform(0.38, 0.55, len(pts))
+  # Fascicles: a few scattered bundles, each showing as a bright dash (its
+  # perineurium faces the beam) beside a dark core.
+  count = int(rng.integers(5, 10))
+  r = np.sqrt(rng.uniform(0, 0.7, count))
+  a = rng.uniform(0, 2 * np.pi, count)
+  pts = np.stack([r * np.cos(a), r * np.sin(a)], 1)
+  radii = rng.uniform(0.12, 0.22, count)
   return _Nerve(cy, cx, ry, rx, rng.uniform(-0.6, 0.6), harmonics, pts, radii)
 
 
@@ -169,7 +206,12 @@ def _draw_vessel(e_img: np.ndarray, v: _Ellipse, cy: float, cx: float,
 
 def _draw_nerve(e_img: np.ndarray, n: _Nerve, cy: float, cx: float, scale: float,
                 angle: float, contrast: float) -> np.ndarray:
-  """Blends the nerve into e_img; returns its outline mask (bool, H x W)."""
+  """Blends the nerve into e_img; returns its outline mask (bool, H x W).
+
+  Real nerves differ from the tissue around them only a little: somewhat brighter on
+  average, with bright fascicle echoes inside and a partial bright arc where fascia
+  wrap over them, never a closed ring or a regular pattern.
+  """
   mask = np.zeros((HEIGHT, WIDTH), bool)
   got = _local_coords(n, cy, cx, scale, angle)
   if got is None:
@@ -179,18 +221,20 @@ def _draw_nerve(e_img: np.ndarray, n: _Nerve, cy: float, cx: float, scale: float
   k, a, ph = n.harmonics.T
   boundary = 1.0 + (a[:, None, None] * np.cos(k[:, None, None] * theta
                                               + ph[:, None, None])).sum(0)
-  # Distance to the nearest fascicle centre, relative to its radius: dark fascicles
-  # separated by bright perineurial septa.
-  d = np.hypot(u[..., None] - n.fascicles[:, 0], v[..., None] - n.fascicles[:, 1])
-  f = (d / n.fascicle_r).min(-1)
-  fascicle = np.exp(-f ** 3)
-  inner = 0.55 - 0.45 * fascicle
-  # Bright epineurium, brightest where it faces the beam, and broken in places.
-  beam = np.cos(theta + angle) ** 2
-  rim = (0.2 + 0.9 * beam) * (0.65 + 0.35 * np.cos(3 * theta + ph[0]))
-  rim = rim * np.exp(-((rho - boundary) / 0.11) ** 2)
-  alpha = 1.0 / (1.0 + np.exp((rho - boundary) / 0.04))
-  e_img[sl] = e_img[sl] * (1 - contrast * alpha) + contrast * (inner * alpha + rim)
+  # Fascicles: a bright dash across each bundle's top edge over a darker core.
+  du = (u[..., None] - n.fascicles[:, 0]) / n.fascicle_r
+  dv = (v[..., None] - n.fascicles[:, 1]) / (2.2 * n.fascicle_r)
+  core = np.exp(-(du ** 2 + dv ** 2) ** 2).max(-1)
+  dash = np.exp(-((du + 1.0) / 0.45) ** 2 - dv ** 4).max(-1)
+  # The arc: brightest over the top of the nerve (facing the beam), fading down the
+  # sides; its extent and phase vary from nerve to nerve.
+  beam = np.clip(-np.cos(theta + angle + 0.3 * np.sin(ph[1])), 0, 1) ** (1.0 + a[0] * 20)
+  rim = beam * (0.6 + 0.4 * np.cos(3 * theta + ph[2])) * np.exp(
+      -((rho - boundary) / 0.12) ** 2)
+  alpha = 1.0 / (1.0 + np.exp((rho - boundary) / 0.06))
+  inner = 1.0 + 0.9 * alpha + (2.0 * dash - 0.4 * core) * alpha
+  e_img[sl] *= inner ** contrast  # a power, so a raised contrast stays positive
+  e_img[sl] += contrast * 4.0 * rim
   mask[sl] = rho <= boundary
   return mask
 
@@ -239,7 +283,8 @@ def _presence(rng: np.random.Generator, frames: int, n_on: int) -> np.ndarray:
   return c
 
 
-def _render_subject(rng: np.random.Generator, frames: int, n_on: int) -> list[_Frame]:
+def _render_subject(rng: np.random.Generator, frames: int, n_on: int,
+                    nerve_contrast: float = 1.0) -> list[_Frame]:
   h, w = HEIGHT, WIDTH
   tissue_a, tissue_b = _tissue(rng), _tissue(rng)
   morph = 0.5 + 0.5 * np.sin(rng.uniform(0, 2 * np.pi)
@@ -251,15 +296,25 @@ def _render_subject(rng: np.random.Generator, frames: int, n_on: int) -> list[_F
   n_rot = _smooth_walk(rng, frames, 0.15, 4.0)
   vessels = []
   for _ in range(rng.integers(1, 4)):
-    r = rng.uniform(10, 30)
-    vessels.append(_Ellipse(_MARGIN + rng.uniform(60, 330), _MARGIN + rng.uniform(30, 550),
-                            r * rng.uniform(0.6, 1.0), r, rng.uniform(-0.5, 0.5)))
+    r = rng.uniform(12, 55)
+    vessels.append(_Ellipse(_MARGIN + rng.uniform(60, 360), _MARGIN + rng.uniform(0, 580),
+                            r * rng.uniform(0.5, 0.9), r, rng.uniform(-0.4, 0.4)))
   pulse_period = rng.uniform(4, 9)
   presence = _presence(rng, frames, n_on)
-  atten = rng.uniform(0.9, 1.5)
+  # How strongly this subject's nerve stands out: rarely more than a little.
+  contrast = rng.uniform(0.8, 1.2) * nerve_contrast
+  atten = rng.uniform(0.6, 1.2)
   depth = np.exp(-atten * np.arange(h, dtype=np.float32) / h)[:, None]
   lateral = 1.0 - 0.12 * ((np.arange(w, dtype=np.float32) - w / 2) / (w / 2)) ** 2
-  gain = rng.uniform(0.9, 1.15)
+  # Skin and transducer interface: thin bright lines fixed to the probe.
+  skin = np.zeros((h, 1), np.float32)
+  rows = np.arange(h, dtype=np.float32)[:, None]
+  for y in np.sort(rng.uniform(4, 55, rng.integers(3, 6))):
+    skin += rng.uniform(0.8, 2.5) * np.exp(-((rows - y) / rng.uniform(1.0, 2.5)) ** 2)
+  skin[:4] += 2.0
+  # This subject's gray map (the scanner's gain and curve), fitted on its first frame.
+  levels = np.clip(_GRAY_LEVELS * rng.uniform(0.92, 1.08), 0, 255)
+  knots = None
   out = []
   for t in range(frames):
     y0, x0 = _MARGIN + oy[t], _MARGIN + ox[t]
@@ -268,25 +323,29 @@ def _render_subject(rng: np.random.Generator, frames: int, n_on: int) -> list[_F
     for v in vessels:
       pulse = 1.0 + 0.1 * np.sin(2 * np.pi * t / pulse_period)
       _draw_vessel(e, v, v.cy - y0, v.cx - x0, pulse)
+    # The gray map is fitted without the nerve, so the nerve's contrast leaves the
+    # rest of the subject's frames unchanged.
+    nerve_free = e + skin if knots is None else None
     mask = np.zeros((h, w), bool)
     if presence[t] > 0:
       m = _draw_nerve(e, nerve, nerve.cy - y0, nerve.cx - x0, 1.0 + n_wob[t],
-                      nerve.angle + n_rot[t], float(presence[t]))
+                      nerve.angle + n_rot[t], contrast * float(presence[t]))
       if presence[t] >= 0.5:
         mask = m
-    # Skin/transducer interface: fixed bright bands at the top of every frame.
-    e[:6] += 1.2
-    e[6:20] += 0.5 * np.exp(-((np.arange(6, 20)[:, None] - 12) / 3.0) ** 2)
-    # Speckle: magnitude of smoothed complex Gaussian noise (Rayleigh), laterally
-    # elongated grains as in B-mode. Two looks are summed incoherently, as a
-    # compounding scanner does, which removes the Rayleigh's black zero-lines.
+    e = e + skin
+    # Speckle: magnitude of smoothed complex Gaussian noise (Rayleigh), grains wider
+    # than tall as in B-mode. Two looks are summed incoherently, as a compounding
+    # scanner does, which removes the Rayleigh's black zero-lines.
     z = ndimage.gaussian_filter(rng.standard_normal((4, h, w)).astype(np.float32),
-                                (0, 1.1, 2.4))
+                                (0, 2.0, 4.5))
+    # The scanner's speckle reduction leaves only part of its contrast.
     speckle = np.sqrt((z ** 2).sum(0))
-    speckle /= speckle.mean()
-    intensity = e * depth * lateral * speckle * gain
-    img = 255.0 * np.clip(np.log1p(3.0 * intensity) / np.log1p(3.0 * 1.6), 0, 1)
-    img = img.astype(np.uint8)
+    speckle = 0.4 + 0.6 * speckle / speckle.mean()
+    log_i = np.log(e * depth * lateral * speckle + 1e-3)
+    if knots is None:
+      free = np.log(nerve_free * depth * lateral * speckle + 1e-3)
+      knots = np.percentile(free[::3, ::3], _GRAY_PERCENTILES)
+    img = np.interp(log_i, knots, levels).astype(np.uint8)
     # The orientation marker of the scanner at the top centre.
     for r in range(5):
       img[r + 1, 298 - (4 - r):298 + (4 - r) + 1] = 255 if r < 4 else 200
@@ -317,12 +376,17 @@ def _save_tif(path: pathlib.Path, array: np.ndarray) -> None:
 
 
 def write_tree(out_dir: str | os.PathLike, *, subjects: int = 10, frames: int = 40,
-               test_subjects: int = 2, seed: int = 0) -> pathlib.Path:
+               test_subjects: int = 2, seed: int = 0,
+               nerve_contrast: float = 1.0) -> pathlib.Path:
   """Writes a synthetic Kaggle-layout tree into out_dir and returns its path.
 
   Deterministic in (subjects, frames, test_subjects, seed). out_dir must be absent or
-  empty, so a previous tree is never silently mixed with a new one.
+  empty, so a previous tree is never silently mixed with a new one. nerve_contrast
+  scales how far the nerve stands out: 1 is as subtle as in real frames; tiny test
+  runs that must find the nerve within a few steps raise it.
   """
+  if nerve_contrast < 0:
+    raise ValueError(f"write_tree: need nerve_contrast >= 0; got {nerve_contrast}")
   if subjects < 1 or frames < 1 or test_subjects < 0:
     raise ValueError(f"write_tree: need subjects >= 1, frames >= 1, test_subjects >= 0; "
                      f"got {subjects}, {frames}, {test_subjects}")
@@ -339,7 +403,7 @@ def write_tree(out_dir: str | os.PathLike, *, subjects: int = 10, frames: int = 
     rows.writerow(["subject", "img", "pixels"])
     for s in range(1, subjects + 1):
       rng = np.random.default_rng([seed, 0, s])
-      sub = _render_subject(rng, frames, int(n_on[s - 1]))
+      sub = _render_subject(rng, frames, int(n_on[s - 1]), nerve_contrast)
       # About half the subjects carry one contradictory pair, and the first always
       # does (when it can) so small trees still exercise the duplicates option.
       if s == 1 or rng.uniform() < 0.5:
@@ -358,7 +422,8 @@ def write_tree(out_dir: str | os.PathLike, *, subjects: int = 10, frames: int = 
   test = []
   n_on = _nerve_counts(np.random.default_rng([seed, 4]), max(test_subjects, 1), frames)
   for s in range(test_subjects):
-    test += _render_subject(np.random.default_rng([seed, 1, s]), frames, int(n_on[s]))
+    test += _render_subject(np.random.default_rng([seed, 1, s]), frames, int(n_on[s]),
+                            nerve_contrast)
   order = np.random.default_rng([seed, 2]).permutation(len(test))
   with open(out / "test_truth.csv", "w", newline="") as ft, \
        open(out / "sample_submission.csv", "w", newline="") as fs:
