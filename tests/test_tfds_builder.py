@@ -272,11 +272,12 @@ def test_build_synthetic_generates_once(tmp_path):
   b = tfds_source.build(cfg)
   assert b.is_prepared()
   assert {k: v.num_examples for k, v in b.info.splits.items()} == {"train": 6, "test": 6}
-  raw = tmp_path / "synthetic_raw" / "s2_f3_seed1"
+  key = f"s2_f3_seed1_g{synthetic.GENERATOR_VERSION}"  # a new generator, a new tree
+  raw = tmp_path / "synthetic_raw" / key
   assert (raw / "train_masks.csv").exists()
-  assert str(tmp_path / "synthetic" / "s2_f3_seed1") in b.data_dir
+  assert str(tmp_path / "synthetic" / key) in b.data_dir
   # Nothing half-written is left next to the tree.
-  assert [p.name for p in raw.parent.iterdir()] == ["s2_f3_seed1"]
+  assert [p.name for p in raw.parent.iterdir()] == [key]
   stamp = (raw / "train_masks.csv").stat().st_mtime_ns
   b2 = tfds_source.build(cfg)
   assert b2.data_dir == b.data_dir

@@ -38,6 +38,9 @@ from nerveseg_jax import rle
 
 HEIGHT = 420
 WIDTH = 580
+# Bumped whenever the frames this generator draws change: it names the generated tree
+# (tfds_source.synthetic_key), so a tree drawn by an older generator is never reused.
+GENERATOR_VERSION = 2
 NERVE_FRACTION = 0.41    # fraction of real training frames with a nerve
 _MARGIN = 72             # world canvas margin the probe window can drift into
 _WORLD = (HEIGHT + 2 * _MARGIN, WIDTH + 2 * _MARGIN)

@@ -118,9 +118,10 @@ def _kaggle_manual_dir(data_cfg, data_dir: pathlib.Path) -> pathlib.Path:
 
 
 def synthetic_key(data_cfg) -> str:
-  """The generated set's name: its size and seed (one folder per distinct set)."""
+  """The generated set's name: size, seed and generator version (one folder per set)."""
+  from nerveseg_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   return (f"s{data_cfg.synthetic_subjects}_f{data_cfg.synthetic_frames}"
-          f"_seed{data_cfg.synthetic_seed}")
+          f"_seed{data_cfg.synthetic_seed}_g{synthetic.GENERATOR_VERSION}")
 
 
 def raw_tree(data_cfg) -> pathlib.Path | None:
