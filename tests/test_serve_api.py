@@ -242,10 +242,10 @@ def test_page_assets_are_local(client):
 def test_cli_rejects_bad_arguments(tmp_path, capsys):
   assert serve.main(["--workdir", str(tmp_path)]) == 2
   assert f"--workdir {tmp_path}: no config.json" in capsys.readouterr().err
-  with pytest.raises(SystemExit):
-    serve.main(["--workdir", str(tmp_path), "--port", "70000"])
-  with pytest.raises(SystemExit):
-    serve.main(["--workdir", str(tmp_path), "--max_upload_mb", "0"])
+  assert serve.main(["--workdir", str(tmp_path), "--port", "70000"]) == 2
+  assert "--port must be in 0..65535" in capsys.readouterr().err
+  assert serve.main(["--workdir", str(tmp_path), "--max_upload_mb", "0"]) == 2
+  assert "--max_upload_mb must be > 0" in capsys.readouterr().err
   # A workdir that cannot be loaded: the server says why and stops, status 1. (In a
   # subprocess: uvicorn configures process-wide logging and signal handlers.)
   (tmp_path / "config.json").write_text("{}")
