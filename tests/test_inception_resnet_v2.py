@@ -135,3 +135,16 @@ def test_build_model_errors_name_the_key():
     build_model(dict(cfg.to_dict(), features=8), dtype=jnp.float32, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"model\.in_channels"):
     build_model(dict(cfg.to_dict(), in_channels=4), dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+
+def test_fewer_blocks_is_the_same_network_shallower():
+  from nerveseg_jax import models
+  small = nnx.eval_shape(lambda: models.build_model(
+      {"name": "inception_resnet_v2", "blocks": (1, 2, 1)}, rngs=nnx.Rngs(0)))
+  assert (len(small.block35), len(small.block17), len(small.block8)) == (1, 2, 1)
+  full = dict(nnx.to_flat_state(nnx.state(nnx.eval_shape(lambda: models.build_model(
+      {"name": "inception_resnet_v2"}, rngs=nnx.Rngs(0))), nnx.Param)))
+  for path, var in nnx.to_flat_state(nnx.state(small, nnx.Param)):
+    assert full[path].value.shape == var.value.shape, path  # every array fits the full one's
+  with pytest.raises(ValueError, match="blocks=\\(0, 2, 1\\)"):
+    models.build_model({"name": "inception_resnet_v2", "blocks": (0, 2, 1)}, rngs=nnx.Rngs(0))

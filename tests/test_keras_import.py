@@ -64,7 +64,10 @@ def keras_files(tmp_path_factory):
   model.save_weights(keras3)
   x = rng.normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
   ref = keras.ops.convert_to_numpy(model(x, training=False))
-  return dict(legacy=legacy, keras3=keras3, layers=layers, x=x, ref=ref, tmp=tmp)
+  yield dict(legacy=legacy, keras3=keras3, layers=layers, x=x, ref=ref, tmp=tmp)
+  # Two full weight files and their conversions (over 1 GB): not kept in pytest's
+  # temp folder, which holds the last three runs.
+  shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ MODEL_KEYS: dict[str, dict[str, Any]] = {
                  dropout=0.0, upsample="transpose", deep_supervision=False,
                  presence_head=True),
     "inception_resnet_v2": dict(in_channels=1, num_classes=1, dropout=0.0,
-                                include_top=True),
+                                include_top=True, blocks=(10, 20, 10)),
 }
 # Models that answer "is there a nerve?" with one logit, rather than segmenting.
 CLASSIFIERS = ("inception_resnet_v2",)

@@ -19,6 +19,10 @@ from nerveseg_jax.models.layers import BatchNorm
 from nerveseg_jax.models.tracing import linear_init
 
 MIN_SIZE = 75  # smallest input for which every 'valid' reduction keeps >= 1 pixel
+# Repeats of block35, block17 and block8 in the published network (and its weights).
+# Fewer give the same architecture, shallower: the classifier's smoke variant, which
+# tests the whole pipeline in a fraction of the compile time.
+BLOCKS = (10, 20, 10)
 
 
 class ConvBN(nnx.Module):
@@ -178,24 +182,28 @@ class InceptionResNetV2(nnx.Module):
 
   @linear_init  # the whole network's construction stays linear when traced
   def __init__(self, *, in_channels: int = 3, num_classes: int = 1, include_top: bool = True,
-               dropout: float = 0.0, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               dropout: float = 0.0, blocks: tuple[int, int, int] = BLOCKS,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if int(in_channels) not in (1, 3):
       raise ValueError(f"InceptionResNetV2: in_channels={in_channels} must be 1 or 3")
     if include_top and int(num_classes) < 1:
       raise ValueError(f"InceptionResNetV2: num_classes={num_classes} must be >= 1")
     if not 0.0 <= float(dropout) < 1.0:
       raise ValueError(f"InceptionResNetV2: dropout={dropout} must be in [0, 1)")
+    n35, n17, n8 = (int(b) for b in blocks)
+    if len(tuple(blocks)) != 3 or min(n35, n17, n8) < 1:
+      raise ValueError(f"InceptionResNetV2: blocks={tuple(blocks)} must be three counts >= 1 "
+                       f"(block35, block17, block8; {BLOCKS} is the published network)")
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dtype = dtype
     self.in_channels = int(in_channels)
     self.stem = Stem(self.in_channels, **kw)
     self.mixed_5b = Mixed5b(**kw)
-    self.block35 = nnx.List([ResidualBlock("block35", 0.17, **kw) for _ in range(10)])
+    self.block35 = nnx.List([ResidualBlock("block35", 0.17, **kw) for _ in range(n35)])
     self.mixed_6a = Mixed6a(**kw)
-    self.block17 = nnx.List([ResidualBlock("block17", 0.1, **kw) for _ in range(20)])
+    self.block17 = nnx.List([ResidualBlock("block17", 0.1, **kw) for _ in range(n17)])
     self.mixed_7a = Mixed7a(**kw)
-    self.block8 = nnx.List([ResidualBlock("block8", 0.2, **kw) for _ in range(9)]
+    self.block8 = nnx.List([ResidualBlock("block8", 0.2, **kw) for _ in range(n8 - 1)]
                            + [ResidualBlock("block8", 1.0, act=False, **kw)])
     self.conv_7b = ConvBN(2080, 1536, 1, **kw)
     self.include_top = bool(include_top)
