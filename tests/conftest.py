@@ -116,3 +116,14 @@ def calibrated_run(smoke_run, tmp_path_factory) -> pathlib.Path:
       shutil.copytree(smoke_run / "workdir", workdir)
       assert evaluate.main(["--workdir", str(workdir)]) == 0
   return workdir
+
+
+def pytest_runtest_logfinish(nodeid, location):
+  """With NERVESEG_RSS_LOG=FILE, each test appends `pid peak_rss_kb nodeid` to FILE:
+  the test during which a worker's peak grew is the one that made it grow."""
+  path = os.environ.get("NERVESEG_RSS_LOG")
+  if path:
+    import resource  # pylint: disable=g-import-not-at-top
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open(path, "a") as f:
+      f.write(f"{os.getpid()} {peak} {nodeid}\n")
