@@ -16,7 +16,7 @@ def test_predict_and_serve_run_without_tensorflow(smoke_run, tmp_path):
   frames = sorted((smoke_run / "raw" / "test").glob("*.tif"))[:2]
   assert frames
   code = textwrap.dedent(f"""
-      import json, sys
+      import json, sys, time
       from fastapi.testclient import TestClient
       from nerveseg_jax import inference, predict, webapp
       rc = predict.main(["--workdir", {str(smoke_run / "workdir")!r}, "--images",
@@ -25,6 +25,10 @@ def test_predict_and_serve_run_without_tensorflow(smoke_run, tmp_path):
       app = webapp.create_app(lambda: inference.Predictor({str(smoke_run / "workdir")!r},
                                                           batch_size=1))
       with TestClient(app, base_url="http://localhost") as client:
+        deadline = time.monotonic() + 300  # the model loads in the background: 503 until then
+        while (client.get("/healthz").json()["status"] == "loading"
+               and time.monotonic() < deadline):
+          time.sleep(0.2)
         with open({str(frames[0])!r}, "rb") as f:
           r = client.post("/api/segment", files={{"file": ("a.tif", f, "image/tiff")}})
       print(json.dumps(dict(rc=rc, status=r.status_code,
