@@ -317,11 +317,17 @@ def _duration(seconds: float) -> str:
   return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
 
 
-def _isatty(stream) -> bool:
+def _terminal(stream) -> bool:
+  """A terminal a bar can be drawn on (a pseudo-terminal of width 0 draws nothing)."""
   try:
-    return bool(stream.isatty())
+    if not stream.isatty():
+      return False
   except (AttributeError, ValueError):  # no such method, or a closed stream
     return False
+  try:
+    return os.get_terminal_size(stream.fileno()).columns > 0
+  except (AttributeError, ValueError, OSError):  # no file descriptor to ask
+    return True
 
 
 class Progress:
@@ -342,7 +348,7 @@ class Progress:
     self._every_s, self._clock = every_s, clock
     self._enabled = log.isEnabledFor(logging.INFO)
     self._bar = None
-    if self._enabled and _isatty(self._stream):
+    if self._enabled and _terminal(self._stream):
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       # leave=False: the bar is replaced by the closing line, as off a terminal.
       self._bar = tqdm(total=self.total, desc=desc, unit=" " + unit, file=self._stream,
