@@ -174,9 +174,18 @@ class TrainCheckpointer:
 
 
 def tree_metadata(path: pathlib.Path) -> dict[str, Any]:
-  """The array metadata tree (shapes, dtypes) of a PyTree checkpoint directory."""
-  meta = ocp.PyTreeCheckpointer().metadata(path)
-  meta = getattr(meta, "item_metadata", meta)  # StepMetadata in newer Orbax
+  """The array metadata tree (shapes, dtypes) of a PyTree checkpoint directory.
+
+  Read by the handler, not a Checkpointer: Checkpointer.metadata also looks for the
+  step's _CHECKPOINT_METADATA in PATH, and a training checkpoint's item (STEP/state)
+  has none (the manager writes it in STEP), so every load warned "Metadata file does
+  not exist", as if the checkpoint were damaged.
+  """
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    meta = handler.metadata(as_path(path))
+  finally:
+    handler.close()
   return getattr(meta, "tree", meta)
 
 

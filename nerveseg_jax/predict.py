@@ -135,7 +135,9 @@ def predict_path(predictor: inference.Predictor, images: str | pathlib.Path,
   found = 0
   builder = report.ReportBuilder(f"Predictions for {images}")
   chunk = predictor.batch_size * _CHUNK_BATCHES
-  for start in range(0, len(paths), chunk):
+  # Counts files: one that cannot be read, or fails in inference, is done all the same.
+  for start in cli.progress(range(0, len(paths), chunk), len(paths), "predicted", "files",
+                            size=lambda start: len(paths[start:start + chunk])):
     frames, frame_names, frame_paths = [], [], []
     for path, name in zip(paths[start:start + chunk], names[start:start + chunk]):
       try:
@@ -159,7 +161,6 @@ def predict_path(predictor: inference.Predictor, images: str | pathlib.Path,
           width=int(frame.shape[1]), presence=round(float(result.presence), 6),
           decision=bool(result.decision), message=result.message, area=result.area,
           bbox=list(result.bbox) if result.bbox else None))
-    inference.log(f"{min(start + chunk, len(paths))}/{len(paths)} files")
   rows.sort(key=lambda r: imageio.natural_key(r[0]))
   frames_out.sort(key=lambda r: imageio.natural_key(r["name"]))
   failed.sort(key=lambda f: imageio.natural_key(pathlib.Path(f["file"]).name))

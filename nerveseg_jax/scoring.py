@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from nerveseg_jax import inference, postprocess, report, runinfo, summaries
+from nerveseg_jax import cli, inference, postprocess, report, runinfo, summaries
 from nerveseg_jax import workdir as workdir_lib
 from nerveseg_jax.data import labelled
 from nerveseg_jax.postprocess import Calibration
@@ -48,7 +48,7 @@ def summarize(dice: np.ndarray, found: np.ndarray, has_nerve: np.ndarray) -> dic
 
 
 def calibrate(predictor: inference.Predictor, frames: Iterable[labelled.Labelled], *,
-              presence_only: bool = False
+              presence_only: bool = False, total: int | None = None
               ) -> tuple[postprocess.SearchResult, dict[str, Any]]:
   """Grid-searches the post-processing on labelled frames (one pass of inference).
 
@@ -57,11 +57,12 @@ def calibrate(predictor: inference.Predictor, frames: Iterable[labelled.Labelled
   classifier's), the predictor's current mask settings are kept and only the presence
   threshold is searched, starting from the predictor's current one.
   Returns the search result and the full metrics of the starting calibration.
+  TOTAL, the number of frames where known, gives the progress lines an ETA.
   """
   start = predictor.calibration if presence_only else Calibration()
   stats = (postprocess.FrameStats((start.mask_threshold,)) if presence_only
            else postprocess.FrameStats())
-  for chunk in labelled.chunks(frames, _CHUNK):
+  for chunk in cli.progress(labelled.chunks(frames, _CHUNK), total, "calibrated", size=len):
     for i, prob, presence in predictor.probabilities([f.image for f in chunk]):
       stats.add(prob, presence, chunk[i].truth)
   result = (postprocess.search_presence(stats, start) if presence_only
@@ -73,11 +74,12 @@ def calibrate(predictor: inference.Predictor, frames: Iterable[labelled.Labelled
 
 
 def score(predictor: inference.Predictor, frames: Iterable[labelled.Labelled],
-          builder: report.ReportBuilder | None = None) -> tuple[dict[str, Any], list[dict]]:
+          builder: report.ReportBuilder | None = None, *, total: int | None = None
+          ) -> tuple[dict[str, Any], list[dict]]:
   """Scores the predictor's calibrated output with the project's Dice; per-frame rows."""
   from nerveseg_jax import metrics  # pylint: disable=g-import-not-at-top
   rows = []
-  for chunk in labelled.chunks(frames, _CHUNK):
+  for chunk in cli.progress(labelled.chunks(frames, _CHUNK), total, "scored", size=len):
     for result, frame in zip(predictor.predict([f.image for f in chunk],
                                                [f.name for f in chunk]), chunk):
       dice = float(np.asarray(metrics.dice_per_example(
@@ -96,10 +98,11 @@ def score(predictor: inference.Predictor, frames: Iterable[labelled.Labelled],
 
 
 def calibrate_segmentation(predictor: inference.Predictor, frames: Iterable[labelled.Labelled],
-                            workdir: pathlib.Path, *, tta: bool, which: str
+                            workdir: pathlib.Path, *, tta: bool, which: str,
+                            total: int | None = None
                             ) -> tuple[postprocess.SearchResult, dict[str, Any]]:
   """Calibrates a segmentation run alone and saves WORKDIR/calibration.json."""
-  result, before = calibrate(predictor, frames)
+  result, before = calibrate(predictor, frames, total=total)
   postprocess.save_calibration(workdir, result.calibration, dict(
       before=result.default_score, after=result.score, frames=result.num_frames,
       grid_size=result.grid_size, tta=tta, checkpoint=which))
@@ -130,10 +133,12 @@ def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
                     else None)
   saved = postprocess.load_calibration(workdir)
   skipped: list[dict[str, str]] = []
+  total: int | None = None  # frames to score, where known up front: the progress ETA
   if folder:
     source, frames = f"folder {folder}", lambda: labelled.folder_frames(folder, skipped)
   else:
     ids = None if split == "test" else labelled.split_ids(config.data, split)
+    total = None if ids is None else len(ids)
     source, frames = f"split {split}", lambda: labelled.dataset_frames(config.data, split, ids)
   out_dir = workdir / "eval" if (split == "val" and not folder) else (
       workdir / "eval" / ("folder_" + pathlib.Path(folder).name if folder else split))
@@ -149,7 +154,7 @@ def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
     if calibrating:
       inference.log(f"calibrating on {source} ...")
       result, before = calibrate_segmentation(predictor, frames(), workdir, tta=tta,
-                                               which=which)
+                                               which=which, total=total)
       predictor.calibration = result.calibration
       out["calibration_search"] = dict(grid_size=result.grid_size, frames=result.num_frames,
                                        saved=str(workdir / postprocess.CALIBRATION_FILE))
@@ -167,7 +172,8 @@ def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
       inference.log(f"{workdir} was never calibrated: calibrating it alone on {source} ...")
       alone = inference.Predictor([workdir], tta=tta, batch_size=batch_size, which=which,
                                   calibration=Calibration())
-      result, _ = calibrate_segmentation(alone, frames(), workdir, tta=tta, which=which)
+      result, _ = calibrate_segmentation(alone, frames(), workdir, tta=tta, which=which,
+                                         total=total)
       del alone
       saved = result.calibration
       out["segmentation_calibration_search"] = dict(
@@ -179,7 +185,7 @@ def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
     cls_file = classifier_dir / postprocess.CALIBRATION_FILE
     if calibrating:
       inference.log(f"calibrating the classifier's presence threshold on {source} ...")
-      result, before = calibrate(predictor, frames(), presence_only=True)
+      result, before = calibrate(predictor, frames(), presence_only=True, total=total)
       predictor.calibration = result.calibration
       # Predictor reads only presence_threshold from the classifier's file; the mask
       # settings it was calibrated with are kept there as a record.
@@ -205,7 +211,7 @@ def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
                                  + (f" with classifier {classifier_dir.name}"
                                     if classifier_dir else ""))
   inference.log(f"scoring {source} ...")
-  metrics, rows = score(predictor, frames(), builder)
+  metrics, rows = score(predictor, frames(), builder, total=total)
   out["metrics"] = metrics
   # Frames that could not be read: named here, and main() exits 1, so a score over
   # fewer frames than the folder holds is never mistaken for the whole folder's.

@@ -1,9 +1,12 @@
-"""What the inference faces pull in: predict and serve run without TensorFlow."""
+"""What an install pulls in: the README states it; predict and serve run without
+TensorFlow."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
+import tomllib
 
 from test_train import REPO, SUBPROCESS_ENV
 
@@ -38,3 +41,20 @@ def test_predict_and_serve_run_without_tensorflow(smoke_run, tmp_path):
   out = json.loads(p.stdout.strip().splitlines()[-1])
   assert out["rc"] == 0 and out["status"] == 200, (out, p.stderr[-2000:])
   assert out["loaded"] == [], f"imported {out['loaded']}"
+
+
+def test_readme_names_exactly_the_direct_dependencies():
+  """The install footprint paragraph lists what pyproject.toml asks for, no more, no less."""
+  project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+  wanted = {re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower().replace("_", "-")
+            for d in project["dependencies"]}
+  readme = (REPO / "README.md").read_text()
+  section = readme[readme.index("### Install footprint"):]
+  section = section[:section.index("\n#")]
+  listed = " ".join(section[section.index("The direct dependencies"):].split())
+  listed = listed[:listed.index(". ")]
+  named = {n.lower() for n in re.findall(r"`([A-Za-z0-9_.-]+)`", listed)}
+  assert named == wanted, (f"README lacks {sorted(wanted - named)}; "
+                           f"README has {sorted(named - wanted)} beyond pyproject.toml")
+  # The figures are dated, so a reader knows how old they are.
+  assert re.search(r"Measured on \d{4}-\d{2}-\d{2}", section)
