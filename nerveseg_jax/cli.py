@@ -308,7 +308,10 @@ def setup_logging(verbosity: str = "info") -> None:
     pass
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+  """12s, 3m05s, 1h02m; '?' when unknown (no rate yet)."""
+  if seconds != seconds or seconds in (float("inf"), float("-inf")):
+    return "?"
   seconds = int(round(max(0.0, seconds)))
   if seconds < 60:
     return f"{seconds}s"
@@ -378,7 +381,7 @@ class Progress:
         line += f"/{self.total}"
       line += f" {self.unit}, {rate:.1f} {self.unit}/s"
       if self.total and rate > 0:
-        line += f", ETA {_duration((self.total - self.n) / rate)}"
+        line += f", ETA {duration((self.total - self.n) / rate)}"
       print(line, file=self._stream, flush=True)
 
   def close(self, finished: bool = True) -> None:
@@ -387,7 +390,7 @@ class Progress:
       self._bar = None
     if self._enabled and finished:
       now = self._clock()
-      print(f"{self.desc} {self.n} {self.unit} in {_duration(now - self._start)}, "
+      print(f"{self.desc} {self.n} {self.unit} in {duration(now - self._start)}, "
             f"{self._rate(now):.1f} {self.unit}/s", file=self._stream, flush=True)
     self._enabled = False  # closed: later calls print nothing
 

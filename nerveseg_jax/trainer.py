@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from nerveseg_jax import checkpoint as ckpt_lib
+from nerveseg_jax import cli
 from nerveseg_jax import metrics as metrics_lib
 from nerveseg_jax import sharding
 from nerveseg_jax import summaries
@@ -361,14 +362,5 @@ class _Progress:
     if "dice" in values:
       parts.append(f"dice {values['dice']:.3f}")
     parts += [f"{values['steps_per_sec']:.2f} steps/s",
-              f"{values['images_per_sec']:.1f} img/s", f"ETA {_duration(eta)}"]
+              f"{values['images_per_sec']:.1f} img/s", f"ETA {cli.duration(eta)}"]
     return "  ".join(parts)
-
-
-def _duration(seconds: float) -> str:
-  if not np.isfinite(seconds):
-    return "?"
-  seconds = int(round(seconds))
-  h, rem = divmod(seconds, 3600)
-  m, sec = divmod(rem, 60)
-  return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
