@@ -2,12 +2,16 @@
 
   python -m nerveseg_jax.benchmark --config configs/unet.py[:variant] [--config.KEY=V]
       [--json OUT] [--steps 10] [--infer_batch 16] [--workdir RUN] [--fold]
+  python -m nerveseg_jax.benchmark --config unet:synthetic --notrain --noinference \
+      --pipeline_data=config [--device_resident=auto|on|off]     (the input pipeline alone)
 
 Measures on whatever devices JAX sees, with the project's own programs: the jitted,
 sharded, donating train step of train_step.py, the input pipeline's TrainIterator, and
 the one predict function of inference.py. The data are synthetic and made in memory
 (--pipeline_data=synthetic, the default), so the command needs neither TensorFlow nor a
-dataset; --pipeline_data=config times the config's own data set instead.
+dataset; --pipeline_data=config times the config's own data set instead. With the train
+step, the pipeline is timed as the step's input (goodput); without it (--notrain),
+TrainIterator alone, and with the on-device augmentation.
 How to read the table: docs/performance.md.
 """
 
@@ -103,19 +107,23 @@ def _percentile_ms(times: list[float], q: float) -> float:
 
 def run(config, *, steps: int = 10, infer_batch: int = 16, workdir: str | None = None,
         train: bool = True, pipeline: bool = True, pipeline_data: str = "synthetic",
-        frames: int = KAGGLE_TRAIN_FRAMES, inference: bool = True, latency_iters: int = 50,
-        fold: bool = False, fold_steps: int = 100, keep_going: bool = False,
+        frames: int = KAGGLE_TRAIN_FRAMES, device_resident: bool | None = None,
+        inference: bool = True, latency_iters: int = 50, fold: bool = False,
+        fold_steps: int = 100, keep_going: bool = False,
         on_part: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
   """Runs the selected measurements and returns them as a flat dict (None where not run).
 
+  pipeline: with train, the step's input rate and goodput; without, TrainIterator alone.
+  device_resident: where the pipeline holds its set; None: the synthetic set on the
+    devices (an accelerator's default), the config's set as train would hold it.
   keep_going: a failing part is recorded under "errors" and the rest still run.
   on_part: called with the results so far after each part (to write them as they come).
   """
   from nerveseg_jax import sharding, train_state, train_step  # pylint: disable=g-import-not-at-top
   if pipeline_data not in ("synthetic", "config"):
     raise ValueError(f"pipeline_data={pipeline_data!r}: use 'synthetic' or 'config'")
-  if (pipeline or fold) and not train:
-    raise ValueError("the pipeline and fold measurements need the train step: drop --notrain")
+  if fold and not train:
+    raise ValueError("the fold measurement needs the train step: drop --notrain")
   mesh = sharding.make_mesh(config.mesh)
   train_state.validate_config(config, mesh.size)
   dev = jax.devices()[0]
@@ -130,7 +138,8 @@ def run(config, *, steps: int = 10, infer_batch: int = 16, workdir: str | None =
       "host_cpus": os.cpu_count(), "jax_version": jax.__version__, "errors": {}}
   for key in ("compile_s", "flops_per_step_per_device", "compiled_bytes", "train_step_ms",
               "train_images_per_s", "train_images_per_s_per_device", "mfu",
-              "pipeline_images_per_s", "goodput", "device_resident",
+              "pipeline_images_per_s", "goodput", "iterator_images_per_s",
+              "iterator_augment_images_per_s", "device_resident",
               "infer_latency_ms_batch1", "infer_latency_ms_batch1_p95",
               "infer_frames_per_s", "infer_images_per_s_model_size", "peak_device_bytes"):
     out[key] = None
@@ -147,9 +156,11 @@ def run(config, *, steps: int = 10, infer_batch: int = 16, workdir: str | None =
     if on_part is not None:
       on_part(out)
 
-  s = train_state.setup(config, mesh)
-  tx, schedule, parts, state, shardings = s.tx, s.schedule, s.parts, s.state, s.shardings
-  ctx: dict[str, Any] = {"state": state, "health": train_step.initial_health(mesh)}
+  ctx: dict[str, Any] = {}
+  if train or inference:  # the pipeline alone needs no model
+    s = train_state.setup(config, mesh)
+    tx, schedule, parts, shardings = s.tx, s.schedule, s.parts, s.shardings
+    ctx.update(state=s.state, health=train_step.initial_health(mesh))
 
   def train_steps(n: int, batches) -> float:
     compiled = ctx["compiled"]
@@ -187,22 +198,48 @@ def run(config, *, steps: int = 10, infer_batch: int = 16, workdir: str | None =
     res["mfu"] = (flops / sec / (peak * 1e12)) if (peak and flops) else None
     return res
 
-  def measure_pipeline() -> dict[str, Any]:
+  def train_iterator():
     from nerveseg_jax.data import pipeline as pipe  # pylint: disable=g-import-not-at-top
+    resident = device_resident
     if pipeline_data == "config":
-      arrays, resident = pipe.load_arrays(config.data, "train"), None
+      arrays = pipe.load_arrays(config.data, "train")
     else:
-      # The whole set held on the devices, the accelerator default (pipeline.resident_fits).
       size = tuple(int(s) for s in config.data.image_size)
-      arrays, resident = _split_fold(synthetic_arrays(frames, size))[0], True
+      arrays = _split_fold(synthetic_arrays(frames, size))[0]
+      # The whole set held on the devices, the accelerator default (pipeline.resident_fits).
+      resident = True if resident is None else resident
     it = pipe.TrainIterator(arrays, b, mesh, seed=int(config.seed), device_resident=resident)
+    return it, {"device_resident": it.device_resident, "pipeline_frames": len(arrays)}
+
+  def measure_pipeline() -> dict[str, Any]:
+    it, res = train_iterator()
     try:
       real = train_steps(steps, it)
     finally:
       it.close()
     # Step rate with the pipeline / with one batch already on device.
-    return {"pipeline_images_per_s": b / real, "goodput": ctx["resident_s"] / real,
-            "device_resident": it.device_resident, "pipeline_frames": len(arrays)}
+    return {**res, "pipeline_images_per_s": b / real, "goodput": ctx["resident_s"] / real}
+
+  def measure_iterator() -> dict[str, Any]:
+    from nerveseg_jax.data import augment  # pylint: disable=g-import-not-at-top
+    it, res = train_iterator()
+    aug_cfg = config.data.augment
+    aug = jax.jit(lambda k, x: augment.augment(k, x["image"], x["mask"], aug_cfg))
+    key = jax.random.key(int(config.seed))
+
+    def images_per_s(fn) -> float:
+      for _ in range(2):  # warm: compiles, fills the prefetch queue
+        jax.block_until_ready(fn())
+      return b / statistics.fmean(_timed(fn, max(1, steps)))
+
+    try:
+      res["iterator_images_per_s"] = images_per_s(lambda: next(it))
+      if aug_cfg.enabled:
+        res["iterator_augment_images_per_s"] = images_per_s(
+            lambda: aug(jax.random.fold_in(key, it.step), next(it)))
+    finally:
+      it.close()
+    return res
 
   if train:
     part("train", measure_train)
@@ -212,7 +249,7 @@ def run(config, *, steps: int = 10, infer_batch: int = 16, workdir: str | None =
           out["errors"][name] = "not run: the train step failed"
       pipeline = fold = False
   if pipeline:
-    part("pipeline", measure_pipeline)
+    part("pipeline", measure_pipeline if train else measure_iterator)
   if fold:
     part("fold", lambda: _fold(config, mesh, parts, ctx, train_steps, frames, fold_steps,
                                out.get("compile_s")))
@@ -261,7 +298,7 @@ def _fold(config, mesh, parts, ctx, train_steps, frames: int, steps: int,
   first_eval_s = evaluate()  # compiles the eval step
   eval_s = evaluate()
   with tempfile.TemporaryDirectory() as tmp:
-    ckpt = checkpoint.TrainCheckpointer(tmp, keep=1, best_metric="kaggle_score")
+    ckpt = checkpoint.TrainCheckpointer(tmp, keep=1)
     t = time.perf_counter()
     ckpt.save(steps, ctx["state"], {"step": steps, "seed": int(config.seed)})
     ckpt.wait()
@@ -317,6 +354,8 @@ ROWS = (("device", "device_kind"), ("devices", "num_devices"), ("mesh", "mesh"),
         ("  per device", "train_images_per_s_per_device"),
         ("GFLOPs/step/device", "flops_per_step_per_device"), ("MFU", "mfu"),
         ("pipeline images/s", "pipeline_images_per_s"), ("input goodput", "goodput"),
+        ("pipeline alone, images/s", "iterator_images_per_s"),
+        ("  + on-device augment", "iterator_augment_images_per_s"),
         ("  set on device", "device_resident"),
         ("inference batch-1 p50 (ms)", "infer_latency_ms_batch1"),
         ("inference batch-1 p95 (ms)", "infer_latency_ms_batch1_p95"),
@@ -374,10 +413,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   cli.add_workdir(p, required=False, help_text="a trained run to time inference with "
                   "(default: the benchmark's own initial weights)")
   cli.add_bool(p, "train", True, "measure the train step (compile, images/s, MFU)")
-  cli.add_bool(p, "pipeline", True, "measure input goodput")
+  cli.add_bool(p, "pipeline", True, "measure the input pipeline: its goodput as the train "
+               "step's input; with --notrain, TrainIterator alone (and with augmentation)")
   p.add_argument("--pipeline_data", choices=("synthetic", "config"), default="synthetic",
                  help="synthetic: --frames frames made in memory, held on device (no "
                       "TensorFlow); config: the config's data set (TFDS)")
+  p.add_argument("--device_resident", choices=("auto", "on", "off"), default="auto",
+                 help="hold the pipeline's set on the devices and gather there (auto: the "
+                      "synthetic set on, the config's set as train would hold it)")
   p.add_argument("--frames", type=int, default=KAGGLE_TRAIN_FRAMES,
                  help="synthetic set size (pipeline, fold)")
   cli.add_bool(p, "inference", True, "measure inference latency and throughput")
@@ -400,6 +443,7 @@ def _main(argv: Sequence[str] | None) -> int:
   on_part = (lambda r: write_json(r, f.json)) if f.json else None
   r = run(f.config, steps=f.steps, infer_batch=f.infer_batch, workdir=f.workdir,
           train=f.train, pipeline=f.pipeline, pipeline_data=f.pipeline_data, frames=f.frames,
+          device_resident={"auto": None, "on": True, "off": False}[f.device_resident],
           inference=f.inference, latency_iters=f.latency_iters, fold=f.fold,
           fold_steps=f.fold_steps, keep_going=f.keep_going, on_part=on_part)
   print(format_table(r))

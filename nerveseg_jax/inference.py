@@ -78,11 +78,11 @@ class _Run:
 def _load_run(workdir: str | pathlib.Path, which: str) -> _Run:
   # Imported here so that importing inference (e.g. for tests of post-processing or
   # the web app's module) does not pull in the training stack.
-  from nerveseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax import loading  # pylint: disable=g-import-not-at-top
   workdir = pathlib.Path(workdir).expanduser()
   if not (workdir / "config.json").exists():
     raise FileNotFoundError(f"--workdir {workdir}: no config.json; is this a training workdir?")
-  config, model = checkpoint.load_model(workdir, which=which)
+  config, model = loading.load_model(workdir, which=which)
   return _run_of(config, model, workdir)
 
 

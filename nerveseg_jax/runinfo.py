@@ -21,8 +21,7 @@ EVAL_METRICS = pathlib.Path("eval") / "metrics.json"
 def checkpoint_step(workdir: str | pathlib.Path, which: str = "best") -> int:
   """The step of the checkpoint that `which` ('best' or 'latest') loads."""
   from nerveseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  directory = workdir_lib.as_path(workdir) / workdir_lib.CHECKPOINT_DIR
-  return checkpoint.select_step(directory, which)
+  return checkpoint.select_step(workdir, which)
 
 
 def _val_history_row(workdir: pathlib.Path, step: int) -> dict[str, Any] | None:

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from nerveseg_jax import checkpoint as ckpt_lib
+from nerveseg_jax import loading
 from nerveseg_jax import models
 from nerveseg_jax import sharding
 
@@ -91,7 +92,7 @@ class ModelParts:
   rng_tags: list[str]
 
   def merge(self, params: Any, rest: Any, key: jax.Array | None) -> nnx.Module:
-    rngs = jax.tree.map(ckpt_lib._concrete_rng_leaf, self.rng_template)  # pylint: disable=protected-access
+    rngs = jax.tree.map(loading.concrete_rng_leaf, self.rng_template)
     model = nnx.merge(self.graphdef, rngs, _to_state(self.params_template, params),
                       _to_state(self.rest_template, rest))
     if key is not None and self.rng_tags:
@@ -141,8 +142,8 @@ def init_state(config, tx, mesh) -> tuple[Any, Any]:
 def apply_init_from(config, state, shardings) -> Any:
   """Overwrites params/rest with the arrays of config.init_from that fit (by key)."""
   full = {"params": state["params"], "rest": state["rest"]}
-  expected = ckpt_lib.merge_nested(full["params"], full["rest"])
-  found = ckpt_lib.load_init_from(config.init_from, expected)
+  expected = loading.merge_nested(full["params"], full["rest"])
+  found = loading.load_init_from(config.init_from, expected)
 
   def one(subtree, subshard):
     flat, treedef = jax.tree_util.tree_flatten_with_path(subtree)

@@ -229,7 +229,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str,
       workdir_lib.record_config(workdir, config, resumed_from=start)
 
   checkpointer = ckpt_lib.TrainCheckpointer(workdir, keep=every("keep_checkpoints"),
-                                            best_metric=best_metric, on_saved=on_saved)
+                                            on_saved=on_saved)
   train_arrays = pipeline.load_arrays(config.data, "train")
   val_arrays = pipeline.load_arrays(config.data, "val") if int(config.data.fold) >= 0 else None
   _log_header(config, workdir, mesh, train_arrays, val_arrays, start)

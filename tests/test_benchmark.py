@@ -84,9 +84,35 @@ def test_failing_parts_are_recorded_and_the_rest_reported(tmp_path, monkeypatch)
 
 def test_parts_that_need_the_train_step_refuse_without_it():
   with pytest.raises(ValueError, match="--notrain"):
-    benchmark.run(unet.get_config("smoke"), train=False, pipeline=True)
+    benchmark.run(unet.get_config("smoke"), train=False, fold=True)
   with pytest.raises(ValueError, match="pipeline_data"):
     benchmark.run(unet.get_config("smoke"), pipeline_data="tfds")
+
+
+def test_the_pipeline_alone_builds_no_model(monkeypatch, capsys):
+  from nerveseg_jax import train_state
+
+  def no_model(*args, **kwargs):
+    raise AssertionError("the pipeline alone built a train state")
+
+  monkeypatch.setattr(train_state, "setup", no_model)
+  monkeypatch.chdir(REPO)
+  # The command as docs/data_pipeline.md gives it (on the in-memory set: no TensorFlow).
+  assert benchmark._main(["--config", "configs/unet.py:smoke", "--notrain", "--noinference",  # pylint: disable=protected-access
+                          "--steps", "2", "--frames", "40", "--device_resident", "off"]) == 0
+  rows = {line[:28].strip(): line[29:] for line in capsys.readouterr().out.splitlines()}
+  assert rows["set on device"] == "False" and rows["train images/s"] == "n/a"
+  assert float(rows["pipeline alone, images/s"]) > 0 and float(rows["+ on-device augment"]) > 0
+  config = unet.get_config("smoke")
+  for resident, augment in ((None, False), (False, True)):
+    config.data.augment.enabled = augment
+    r = benchmark.run(config, train=False, inference=False, steps=2, frames=40,
+                      device_resident=resident)
+    assert r["errors"] == {} and r["pipeline_frames"] < 40  # fold 0's training frames
+    assert r["iterator_images_per_s"] > 0
+    assert (r["iterator_augment_images_per_s"] is not None) == augment
+    assert r["device_resident"] is (resident is None)  # the synthetic set: on by default
+    assert r["train_images_per_s"] is r["goodput"] is r["infer_frames_per_s"] is None
 
 
 def test_synthetic_arrays_are_the_pipeline_layout():

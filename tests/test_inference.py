@@ -25,9 +25,9 @@ def _frames(run_root, n=5):
 
 def _by_hand(workdir, frames):
   """The model applied directly, without inference.py: resize, normalise, sigmoid, resize."""
-  from nerveseg_jax import checkpoint
+  from nerveseg_jax import loading
   from nerveseg_jax.data import preprocess
-  config, model = checkpoint.load_model(workdir)
+  config, model = loading.load_model(workdir)
   model.eval()
   x = jnp.asarray(np.stack(frames)[..., None])
   h, w = x.shape[1:3]
@@ -146,7 +146,7 @@ def test_a_unet_without_presence_head_takes_the_largest_mask_probability(tmp_pat
   tx, _ = train_state.make_optimizer(config)
   state, _ = train_state.init_state(config, tx, mesh)
   workdir_lib.write_config(tmp_path, config)
-  ckpt = checkpoint.TrainCheckpointer(tmp_path, keep=1, best_metric="kaggle_score")
+  ckpt = checkpoint.TrainCheckpointer(tmp_path, keep=1)
   ckpt.save(0, state, trainer.checkpoint_meta(config, 0, None, "kaggle_score"))
   ckpt.close()
   predictor = inference.Predictor(tmp_path, batch_size=2, which="latest")

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nerveseg_jax import checkpoint as ckpt_lib
+from nerveseg_jax import loading
 from nerveseg_jax import convert_keras
 from nerveseg_jax.models import keras_import
 
@@ -114,7 +114,7 @@ def test_convert_cli_loads_by_key_into_gray_classifier(keras_files, legacy_model
   expected["head"] = {"kernel": jax.ShapeDtypeStruct((1536, 1), jnp.float32),
                       "bias": jax.ShapeDtypeStruct((1,), jnp.float32)}
   # The RGB stem kernel is summed to the 1 gray channel at load time.
-  found = ckpt_lib.load_init_from(out, expected)  # {'a/0/kernel': array} of keys found
+  found = loading.load_init_from(out, expected)  # {'a/0/kernel': array} of keys found
   assert "head/kernel" not in found and "head/bias" not in found
   assert len(found) == len(jax.tree.leaves(expected)) - 2
   rgb = np.asarray(legacy_model.stem.conv_1a.conv.kernel[...])
@@ -187,7 +187,7 @@ def test_gray_conversion_cli_sums_the_stem(keras_files, legacy_model, capsys):
                            "--in_channels", "1"])
   assert rc == 0, capsys.readouterr().err
   assert "in_channels=1" in capsys.readouterr().out
-  found = ckpt_lib.load_init_from(out, {"stem": {"conv_1a": {"conv": {
+  found = loading.load_init_from(out, {"stem": {"conv_1a": {"conv": {
       "kernel": jax.ShapeDtypeStruct((3, 3, 1, 32), jnp.float32)}}}})
   rgb = np.asarray(legacy_model.stem.conv_1a.conv.kernel[...])
   np.testing.assert_allclose(found["stem/conv_1a/conv/kernel"],

@@ -237,7 +237,7 @@ def classifier_run(tmp_path_factory):
   model.head.kernel.value = jnp.zeros_like(model.head.kernel.value)
   model.head.bias.value = jnp.full_like(model.head.bias.value, _CLASSIFIER_BIAS)
   _, _, params, rest = nnx.split(model, nnx.RngState, nnx.Param, ...)
-  saver = checkpoint.TrainCheckpointer(workdir, keep=1, best_metric="presence_accuracy")
+  saver = checkpoint.TrainCheckpointer(workdir, keep=1)
   saver.save(1, {"params": params.to_pure_dict(), "rest": rest.to_pure_dict()}, {"step": 1})
   saver.close()
   return workdir

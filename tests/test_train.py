@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 import conftest
-from nerveseg_jax import checkpoint, train, train_state, train_step
+from nerveseg_jax import loading, train, train_state, train_step
 from nerveseg_jax import workdir as workdir_lib
 from nerveseg_jax.configs import unet
 
@@ -130,7 +130,7 @@ def test_smoke_training_loss_goes_down(reference):
   assert result["compile_seconds"] > 0
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps[-1] == STEPS and 20 in steps  # last, and the best-scored are kept
-  config, model = checkpoint.load_model(workdir, which="latest")
+  config, model = loading.load_model(workdir, which="latest")
   assert config.model.features == 4 and model is not None
   # Running again on a finished workdir resumes and does nothing.
   again = train.train_and_evaluate(workdir_lib.read_config(workdir), workdir)
@@ -358,7 +358,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path,
   # Checkpoint k holds the state after steps 0..k-1: 4 is the last good one.
   assert _steps(tmp_path) and max(_steps(tmp_path)) == 4
   assert "last good checkpoint is step 4" in str(e.value)
-  _, model = checkpoint.load_model(tmp_path, which="latest")
+  _, model = loading.load_model(tmp_path, which="latest")
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
 
 
@@ -367,7 +367,7 @@ def test_bfloat16_compute_trains(data_dir, tmp_path):
                      **{"data.fold": -1})
   out = train.train_and_evaluate(cfg, tmp_path)
   assert np.isfinite(out["train_loss"]) and "val_kaggle_score" not in out
-  _, model = checkpoint.load_model(tmp_path, which="latest")
+  _, model = loading.load_model(tmp_path, which="latest")
   assert {str(x.dtype) for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {"float32"}
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nerveseg_jax import checkpoint
+from nerveseg_jax import checkpoint, loading
 from test_train import REPO, SUBPROCESS_ENV, run_result, smoke_data_dir
 
 
@@ -57,7 +57,7 @@ def test_classifier_trains_from_a_converted_checkpoint(data_dir, tmp_path):
   result = run_result(p.stdout)
   assert np.isfinite(float(result["train_loss"])) and np.isfinite(float(result["val_loss"]))
   assert 0.0 <= float(result["val_presence_accuracy"]) <= 1.0
-  config, model = checkpoint.load_model(workdir, which="latest")
+  config, model = loading.load_model(workdir, which="latest")
   assert config.model.name == "inception_resnet_v2" and tuple(config.data.image_size) == (75, 75)
   got = checkpoint.flat_by_path(nnx.state(model, nnx.Param).to_pure_dict())
   src = checkpoint.flat_by_path(pure)

@@ -40,12 +40,13 @@ def _save_random_run(workdir: pathlib.Path) -> None:
   """configs/unet.py's default model, freshly initialised, saved as a training run."""
   from nerveseg_jax.configs import unet  # pylint: disable=g-import-not-at-top
   from nerveseg_jax import checkpoint, sharding, train_state, trainer  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   config = unet.get_config()
   mesh = sharding.make_mesh(config.mesh)
   tx, _ = train_state.make_optimizer(config)
   state, _ = train_state.init_state(config, tx, mesh)
-  (workdir / checkpoint.CONFIG_FILE).write_text(config.to_json_best_effort())
-  ckpt = checkpoint.TrainCheckpointer(workdir, keep=1, best_metric="kaggle_score")
+  workdir_lib.write_config(workdir, config)
+  ckpt = checkpoint.TrainCheckpointer(workdir, keep=1)
   ckpt.save(0, state, trainer.checkpoint_meta(config, 0, None, "kaggle_score"))
   ckpt.close()
 

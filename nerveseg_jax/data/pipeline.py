@@ -11,23 +11,19 @@ batch is a gather of rows. Augmentation runs on device inside the jitted train s
 (nerveseg_jax.data.augment). Optionally the whole set also lives on every device and
 the gather runs there (device_resident); see docs/data_pipeline.md for when.
 
-Measurement CLI: python -m nerveseg_jax.data.pipeline --config configs/unet.py:synthetic
+Its speed: nerveseg-benchmark --config unet:synthetic --notrain --noinference.
 """
 
 from __future__ import annotations
 
 import atexit
-import logging
 import queue
-import sys
 import threading
-import time
 import weakref
 from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -36,7 +32,7 @@ from nerveseg_jax.data.arrays import (SPLITS, Arrays, cached_split, load_arrays,
                                       max_over_processes)
 
 __all__ = ["SPLITS", "Arrays", "cached_split", "load_arrays", "BATCH_AXES", "TrainIterator",
-           "eval_batches", "measure_throughput", "resident_fits"]
+           "eval_batches", "resident_fits"]
 
 BATCH_AXES = ("data", "fsdp")
 # device_resident=None holds the set on every device when one copy is at most this
@@ -321,71 +317,3 @@ def eval_batches(arrays: Arrays, global_batch_size: int, mesh: Mesh, *,
         return
   finally:
     pf.close()
-
-
-# -------------------------------------------------------------------- measurement
-
-
-def measure_throughput(config: ml_collections.ConfigDict, steps: int = 50, *,
-                       device_resident: bool | None = None, warmup: int = 5,
-                       with_augment: bool = False) -> dict[str, Any]:
-  """Images/s of TrainIterator (optionally plus on-device augmentation) on this machine."""
-  from nerveseg_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from nerveseg_jax.data import augment  # pylint: disable=g-import-not-at-top
-  t0 = time.perf_counter()
-  arrays = load_arrays(config.data, "train")
-  load_s = time.perf_counter() - t0
-  mesh = sharding_lib.make_mesh(config.mesh)
-  it = TrainIterator(arrays, int(config.batch_size), mesh, seed=int(config.seed),
-                     device_resident=device_resident)
-  aug = jax.jit(lambda k, b: augment.augment(k, b["image"], b["mask"], config.data.augment))
-  key = jax.random.key(0)
-  try:
-    def one():
-      b = next(it)
-      out = aug(jax.random.fold_in(key, it.step), b) if with_augment else b
-      jax.block_until_ready(out)
-    for _ in range(warmup):
-      one()
-    t = time.perf_counter()
-    for _ in range(steps):
-      one()
-    dt = time.perf_counter() - t
-  finally:
-    it.close()
-  return {"images_per_sec": steps * int(config.batch_size) / dt,
-          "steps_per_sec": steps / dt, "steps": steps,
-          "batch_size": int(config.batch_size),
-          "image_size": list(preprocess.check_size(config.data.image_size,
-                                                   "data.image_size")),
-          "train_frames": len(arrays), "load_seconds": load_s,
-          "device_resident": it.device_resident, "with_augment": with_augment,
-          "devices": jax.device_count(), "platform": jax.devices()[0].platform}
-
-
-def main(argv: list[str] | None = None) -> int:
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:variant]",
-                                  lock_config=True)
-  flags.DEFINE_integer("steps", 50, "timed steps (after 5 warm-up steps)")
-  flags.DEFINE_enum("device_resident", "auto", ["auto", "on", "off"],
-                    "hold the set on device and gather there")
-  flags.DEFINE_bool("augment", False, "include the on-device augmentation in the timing")
-  flags.mark_flag_as_required("config")
-
-  def run(_):
-    f = flags.FLAGS
-    resident = {"auto": None, "on": True, "off": False}[f.device_resident]
-    r = measure_throughput(f.config, f.steps, device_resident=resident,
-                           with_augment=f.augment)
-    print(", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in r.items()))
-
-  app.run(run, argv=argv or sys.argv)
-  return 0
-
-
-if __name__ == "__main__":
-  logging.basicConfig(level=logging.INFO)
-  sys.exit(main())
