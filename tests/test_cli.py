@@ -1,7 +1,5 @@
 """cli: configs by name or path, overrides in order with exact error names, tables."""
 
-import argparse
-
 import pytest
 
 from nerveseg_jax import cli
