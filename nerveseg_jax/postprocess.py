@@ -27,7 +27,7 @@ from scipy import ndimage
 from nerveseg_jax import workdir as workdir_lib
 
 CALIBRATION_FILE = "calibration.json"
-# What every face shows for a frame judged empty (the wording).
+# What every face shows for a frame judged empty (the page, the API, the overlays).
 NO_NERVE = "No nerve found"
 NERVE_FOUND = "Nerve found"
 # Candidate settings. Presence 1.0 means "never", i.e. an all-empty submission is in

@@ -5,7 +5,7 @@
   TrainIterator(...)             infinite, deterministic in (seed, step), prefetched
   eval_batches(...)              padded batches with `valid`, every frame exactly once
 
-Design (issue 7): the set is small once resized (the Kaggle train set is ~130 MB at
+Design: the set is small once resized (the Kaggle train set is ~130 MB at
 128x176), so it is decoded and resized once, cached, and held in memory; a training
 batch is a gather of rows. Augmentation runs on device inside the jitted train step
 (nerveseg_jax.data.augment). Optionally the whole set also lives on every device and
