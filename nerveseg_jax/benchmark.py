@@ -33,7 +33,6 @@ import jax
 import numpy as np
 
 from nerveseg_jax import cli
-from nerveseg_jax import xla_flags
 
 # Dense peak per device, TFLOP/s, by compute dtype. Matched against device_kind, most
 # specific first ("TPU v5 lite" is v5e, plain "TPU v5" is v5p). float32 on GPUs is the
@@ -431,13 +430,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return cli.parse(p, argv)
 
 
+@cli.command
 def main(argv: Sequence[str] | None = None) -> int:
-  """The command; a user's error is one line on stderr and exit status 2."""
-  xla_flags.configure()  # before anything starts JAX
-  return cli.run(_main, argv)
-
-
-def _main(argv: Sequence[str] | None) -> int:
   f = parse_args(argv)
   f.config.lock()
   on_part = (lambda r: write_json(r, f.json)) if f.json else None
@@ -454,10 +448,6 @@ def _main(argv: Sequence[str] | None) -> int:
   return 0
 
 
-def run_cli() -> None:
-  """Console-script entry (`nerveseg-benchmark`)."""
-  sys.exit(main())
-
 
 if __name__ == "__main__":
-  run_cli()
+  sys.exit(main())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import importlib
 import importlib.util
 import logging
@@ -423,6 +424,21 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) ->
   if header:
     lines.insert(1, "  ".join("-" * w for w in widths))
   return "\n".join(lines)
+
+
+def command(body: Callable[[Sequence[str] | None], int | None]
+            ) -> Callable[[Sequence[str] | None], int]:
+  """Makes BODY a face's `main(argv=None) -> exit status` (also its console script):
+  the XLA:CPU flags are set before anything starts JAX, and a user's error (a bad
+  file, key or value) is one line on stderr with exit status 2."""
+
+  @functools.wraps(body)
+  def main(argv: Sequence[str] | None = None) -> int:
+    from nerveseg_jax import xla_flags  # pylint: disable=g-import-not-at-top
+    xla_flags.configure()
+    return run(body, argv)
+
+  return main
 
 
 def run(main: Callable[[Sequence[str] | None], int | None],

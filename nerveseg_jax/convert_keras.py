@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from nerveseg_jax import cli, xla_flags
+from nerveseg_jax import cli
 from nerveseg_jax.models import keras_import
 
 
@@ -48,13 +48,8 @@ def convert(h5: str | pathlib.Path, out: str | pathlib.Path, *, in_channels: int
   return dict(arrays=len(leaves), values=int(sum(a.size for a in leaves)), out=str(out))
 
 
+@cli.command
 def main(argv: Sequence[str] | None = None) -> int:
-  """The command; a user's error is one line on stderr and exit status 2."""
-  xla_flags.configure()  # before anything starts JAX
-  return cli.run(_main, argv)
-
-
-def _main(argv: Sequence[str] | None) -> int:
   p = cli.parser("nerveseg-convert-keras",
                  "Convert Keras Inception-ResNet-v2 (no-top) weights to an Orbax "
                  "checkpoint for --config.init_from.",
@@ -76,10 +71,6 @@ def _main(argv: Sequence[str] | None) -> int:
   return 0
 
 
-def run_cli() -> None:
-  """Console-script entry (`nerveseg-convert-keras`)."""
-  sys.exit(main())
-
 
 if __name__ == "__main__":
-  run_cli()
+  sys.exit(main())

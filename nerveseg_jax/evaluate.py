@@ -33,7 +33,7 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from nerveseg_jax import cli, scoring, xla_flags
+from nerveseg_jax import cli, scoring
 
 SPLITS = scoring.SPLITS
 run = scoring.run  # the library call behind this face (also sweep --evaluate's)
@@ -89,13 +89,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return cli.parse(p, argv)
 
 
+@cli.command
 def main(argv: Sequence[str] | None = None) -> int:
-  """The command; a user's error is one line on stderr and exit status 2."""
-  xla_flags.configure()  # before anything starts JAX
-  return cli.run(_main, argv)
-
-
-def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
   out = run(args.workdir, config=args.config, split=args.split, folder=args.folder,
             tta=args.tta, batch_size=args.batch_size, which=args.which,
@@ -105,10 +100,6 @@ def _main(argv: Sequence[str] | None) -> int:
   return 1 if out.get("skipped") else 0
 
 
-def run_cli() -> None:
-  """Console-script entry (`nerveseg-evaluate`)."""
-  sys.exit(main())
-
 
 if __name__ == "__main__":
-  run_cli()
+  sys.exit(main())

@@ -29,7 +29,6 @@ import sys
 from typing import Any, Sequence
 
 from nerveseg_jax import cli, imageio, inference, postprocess, report
-from nerveseg_jax import xla_flags
 from nerveseg_jax import workdir as workdir_lib
 
 # Files read and sent to the device per step: bounds host memory on huge folders.
@@ -212,13 +211,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return cli.parse(p, argv)
 
 
+@cli.command
 def main(argv: Sequence[str] | None = None) -> int:
-  """The command; a user's error is one line on stderr and exit status 2."""
-  xla_flags.configure()  # before anything starts JAX
-  return cli.run(_main, argv)
-
-
-def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
   if pathlib.Path(args.output).suffix.lower() == ".csv":
     raise ValueError(f"--output {args.output}: give a folder; predict writes "
@@ -235,10 +229,6 @@ def _main(argv: Sequence[str] | None) -> int:
   return 1 if summary["failed"] else 0
 
 
-def run_cli() -> None:
-  """Console-script entry (`nerveseg-predict`)."""
-  sys.exit(main())
-
 
 if __name__ == "__main__":
-  run_cli()
+  sys.exit(main())

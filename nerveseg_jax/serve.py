@@ -22,7 +22,6 @@ import threading
 from typing import Sequence
 
 from nerveseg_jax import cli, inference, webapp
-from nerveseg_jax import xla_flags
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -91,13 +90,8 @@ def _announce(server, worker: webapp.InferenceWorker, host: str) -> None:
   print(f"ready on http://{shown}:{port}", flush=True)
 
 
+@cli.command
 def main(argv: Sequence[str] | None = None) -> int:
-  """The command; a user's error is one line on stderr and exit status 2."""
-  xla_flags.configure()  # before anything starts JAX
-  return cli.run(_main, argv)
-
-
-def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
   _check_workdirs(args)
   import uvicorn  # pylint: disable=g-import-not-at-top
@@ -130,10 +124,6 @@ def _main(argv: Sequence[str] | None) -> int:
   return 1 if worker.state == "error" else 0
 
 
-def run_cli() -> None:
-  """Console-script entry (`nerveseg-serve`)."""
-  sys.exit(main())
-
 
 if __name__ == "__main__":
-  run_cli()
+  sys.exit(main())

@@ -42,7 +42,6 @@ from typing import Any
 import ml_collections
 
 from nerveseg_jax import cli
-from nerveseg_jax import xla_flags
 from nerveseg_jax import workdir as workdir_lib
 
 log = logging.getLogger("nerveseg_jax.sweep")
@@ -357,13 +356,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return cli.parse(p, argv)
 
 
+@cli.command
 def main(argv: Sequence[str] | None = None) -> int:
-  """The command; a user's error is one line on stderr and exit status 2."""
-  xla_flags.configure()  # before anything starts JAX
-  return cli.run(_main, argv)
-
-
-def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
   path, _, arg = args.sweep.partition(":")
   # A string, not pathlib: gs://bucket/sweep must keep its double slash.

@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from nerveseg_jax import cli, xla_flags
+from nerveseg_jax import cli
 from nerveseg_jax.checkpoint import CheckpointMismatchError
 # The loop's public names, importable from the command's module as before.
 from nerveseg_jax.trainer import NonFiniteLossError, WorkdirError, train_and_evaluate
@@ -39,13 +39,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return cli.parse(p, argv)
 
 
+@cli.command
 def main(argv: Sequence[str] | None = None) -> int:
-  """The command; a user's error is one line on stderr and exit status 2."""
-  xla_flags.configure()  # before anything starts JAX
-  return cli.run(_main, argv)
-
-
-def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
   config = args.config
   config.lock()
