@@ -75,13 +75,19 @@ class _Run:
   in_channels: int
 
 
-def _load_run(workdir: str | pathlib.Path, which: str) -> _Run:
+def check_run(workdir: str | pathlib.Path, flag: str = "--workdir") -> pathlib.Path:
+  """WORKDIR as a path; FileNotFoundError naming FLAG if it holds no trained run."""
+  path = pathlib.Path(workdir).expanduser()
+  if not (path / "config.json").is_file():
+    raise FileNotFoundError(f"{flag} {path}: no config.json; is this a training workdir?")
+  return path
+
+
+def _load_run(workdir: str | pathlib.Path, which: str, flag: str = "--workdir") -> _Run:
   # Imported here so that importing inference (e.g. for tests of post-processing or
   # the web app's module) does not pull in the training stack.
   from nerveseg_jax import loading  # pylint: disable=g-import-not-at-top
-  workdir = pathlib.Path(workdir).expanduser()
-  if not (workdir / "config.json").exists():
-    raise FileNotFoundError(f"--workdir {workdir}: no config.json; is this a training workdir?")
+  workdir = check_run(workdir, flag)
   config, model = loading.load_model(workdir, which=which)
   return _run_of(config, model, workdir)
 
@@ -222,7 +228,7 @@ class Predictor:
     self._check_runs()
     self.classifier = None
     if self.classifier_workdir is not None:
-      self.classifier = _load_run(self.classifier_workdir, which)
+      self.classifier = _load_run(self.classifier_workdir, which, "--classifier_workdir")
       if self.classifier.name not in CLASSIFIER_MODELS:
         raise ValueError(f"--classifier_workdir {self.classifier_workdir}: model "
                          f"{self.classifier.name!r} is not a classifier "
@@ -395,6 +401,24 @@ class Predictor:
                for f in frames[start:start + self.batch_size]]
       for row, (mask_prob, presence) in enumerate(self._run(chunk, self.batch_size)):
         yield start + row, mask_prob, presence
+
+  def predict_each(self, frames: Sequence[np.ndarray], names: Sequence[str]
+                   ) -> list[FramePrediction | Exception]:
+    """`predict`, where a failure costs only the frames that fail: the batch is tried
+    whole, then (say one huge frame ran the device out of memory) each frame alone; a
+    frame that still fails gets its exception in place of its result."""
+    if len(frames) > 1:
+      try:
+        return list(self.predict(frames, names))
+      except Exception:  # pylint: disable=broad-except
+        log("a batch failed in inference; retrying its frames one by one")
+    out: list[FramePrediction | Exception] = []
+    for frame, name in zip(frames, names):
+      try:
+        out.append(self.predict([frame], [name])[0])
+      except Exception as e:  # pylint: disable=broad-except
+        out.append(e)
+    return out
 
   def predict(self, frames: Sequence[np.ndarray], names: Sequence[str] | None = None
               ) -> list[FramePrediction]:

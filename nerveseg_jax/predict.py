@@ -99,19 +99,14 @@ def _predict_chunk(predictor: inference.Predictor, frames: list, names: list[str
   device out of memory), each frame is tried alone, so only the frames that fail
   are lost, each reported by its file name.
   """
-  if len(frames) > 1:
-    try:
-      return list(zip(frames, predictor.predict(frames, names)))
-    except Exception:  # pylint: disable=broad-except
-      inference.log("a batch failed in inference; retrying its frames one by one")
   out = []
-  for frame, name, path in zip(frames, names, paths):
-    try:
-      out.append((frame, predictor.predict([frame], [name])[0]))
-    except Exception as e:  # pylint: disable=broad-except
-      message = f"{path}: inference failed ({type(e).__name__}: {e})"
+  for frame, path, result in zip(frames, paths, predictor.predict_each(frames, names)):
+    if isinstance(result, Exception):
+      message = f"{path}: inference failed ({type(result).__name__}: {result})"
       failed.append(dict(file=str(path), error=message))
       inference.log(f"skipped {message}")
+    else:
+      out.append((frame, result))
   return out
 
 

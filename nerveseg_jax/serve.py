@@ -16,7 +16,6 @@ it answers only requests addressed to localhost.
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 import threading
 from typing import Sequence
@@ -65,13 +64,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _check_workdirs(args: argparse.Namespace) -> None:
   """Fails fast, before binding a port, on workdirs that cannot be runs."""
-  dirs = [("--workdir", w) for w in args.workdir]
+  for w in args.workdir:
+    inference.check_run(w)
   if args.classifier_workdir:
-    dirs.append(("--classifier_workdir", args.classifier_workdir))
-  for flag, d in dirs:
-    path = pathlib.Path(d).expanduser()
-    if not (path / "config.json").is_file():
-      raise FileNotFoundError(f"{flag} {path}: no config.json; is this a training workdir?")
+    inference.check_run(args.classifier_workdir, "--classifier_workdir")
 
 
 def _announce(server, worker: webapp.InferenceWorker, host: str) -> None:

@@ -202,25 +202,15 @@ class InferenceWorker:
     jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
     if not jobs:
       return
-    try:
-      results = self.predictor.predict([j.frame for j in jobs], [j.name for j in jobs])
-    except Exception as e:  # pylint: disable=broad-except
-      if len(jobs) > 1:  # find the one frame that fails; the others still get answers
-        for j in jobs:
-          self._predict_one(j)
-        return
-      inference.log(f"error: inference failed for {jobs[0].name}:\n{traceback.format_exc()}")
-      jobs[0].future.set_exception(e)
-      return
+    # A failing frame fails only its own request; the others still get answers.
+    results = self.predictor.predict_each([j.frame for j in jobs], [j.name for j in jobs])
     for j, r in zip(jobs, results):
-      j.future.set_result(r)
-
-  def _predict_one(self, job: _Job) -> None:
-    try:
-      job.future.set_result(self.predictor.predict([job.frame], [job.name])[0])
-    except Exception as e:  # pylint: disable=broad-except
-      inference.log(f"error: inference failed for {job.name}:\n{traceback.format_exc()}")
-      job.future.set_exception(e)
+      if isinstance(r, Exception):
+        inference.log(f"error: inference failed for {j.name}:\n"
+                      + "".join(traceback.format_exception(r)))
+        j.future.set_exception(r)
+      else:
+        j.future.set_result(r)
 
 
 # --- request size limit --------------------------------------------------------------
