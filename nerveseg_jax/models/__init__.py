@@ -1,6 +1,7 @@
 """Flax NNX models. Models know nothing of data, training or files."""
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -8,23 +9,28 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nerveseg_jax.models.inception_resnet_v2 import InceptionResNetV2
+from nerveseg_jax.models import unet
 from nerveseg_jax.models.unet import UNet
 
 __all__ = ["UNet", "InceptionResNetV2", "build_model", "MODEL_KEYS", "CLASSIFIERS",
            "is_classifier", "compute_dtype", "abstract_split", "Split"]
 
-# Config keys each model accepts (besides `name`), with their defaults.
+def _defaults(cls) -> dict[str, Any]:
+  """The keyword defaults of a model's constructor: its config keys, written once."""
+  params = inspect.signature(cls.__init__).parameters
+  return {k: p.default for k, p in params.items()
+          if p.default is not inspect.Parameter.empty and k not in ("dtype", "param_dtype")}
+
+
+# Config keys each model accepts (besides `name`), with their defaults: the constructors'
+# own. The classifier reads gray frames here (its class defaults to RGB, for ImageNet).
 MODEL_KEYS: dict[str, dict[str, Any]] = {
-    "unet": dict(in_channels=1, features=32, depth=4, block="double_conv", norm="batch",
-                 dropout=0.0, upsample="transpose", deep_supervision=False,
-                 presence_head=True),
-    "inception_resnet_v2": dict(in_channels=1, num_classes=1, dropout=0.0,
-                                include_top=True, blocks=(10, 20, 10)),
+    "unet": _defaults(UNet),
+    "inception_resnet_v2": {**_defaults(InceptionResNetV2), "in_channels": 1},
 }
 # Models that answer "is there a nerve?" with one logit, rather than segmenting.
 CLASSIFIERS = ("inception_resnet_v2",)
-_CHOICES = {"block": ("double_conv", "residual"), "norm": ("batch", "group", "none"),
-            "upsample": ("transpose", "resize")}
+_CHOICES = {"block": unet.BLOCKS, "norm": unet.NORMS, "upsample": unet.UPSAMPLES}
 
 
 def _as_dict(model_cfg: Any) -> dict[str, Any]:
