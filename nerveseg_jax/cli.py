@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -141,7 +142,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
     else:
       if isinstance(parent, ml_collections.ConfigDict) and leaf in parent:
         value = _parse_value(text, parent[leaf], key)
-        with parent.unlocked() if parent.is_locked else _null():
+        with parent.unlocked() if parent.is_locked else contextlib.nullcontext():
           try:
             parent[leaf] = value
           except TypeError as e:
@@ -151,14 +152,6 @@ def apply_overrides(config: ml_collections.ConfigDict,
     raise ConfigError(f"unknown config key {key!r} (--config.{key}=...)"
                       + (f"; did you mean {', '.join(close)}?" if close else ""))
   return config
-
-
-class _null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
 
 
 def _flat_keys(cfg: Mapping, prefix: str = "") -> list[str]:
