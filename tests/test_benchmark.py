@@ -98,7 +98,7 @@ def test_the_pipeline_alone_builds_no_model(monkeypatch, capsys):
   monkeypatch.setattr(train_state, "setup", no_model)
   monkeypatch.chdir(REPO)
   # The command as docs/data_pipeline.md gives it (on the in-memory set: no TensorFlow).
-  assert benchmark._main(["--config", "configs/unet.py:smoke", "--notrain", "--noinference",  # pylint: disable=protected-access
+  assert benchmark.main(["--config", "configs/unet.py:smoke", "--notrain", "--noinference",
                           "--steps", "2", "--frames", "40", "--device_resident", "off"]) == 0
   rows = {line[:28].strip(): line[29:] for line in capsys.readouterr().out.splitlines()}
   assert rows["set on device"] == "False" and rows["train images/s"] == "n/a"
