@@ -8,6 +8,8 @@ Variants, chosen with configs/unet.py:VARIANT
   synthetic  the embedded demo: generates a synthetic Kaggle-layout set on first use.
   smoke      a tiny model for tests.
   folder     a user's own images/ + masks/ folder (set data.manual_dir).
+  cpu        sized for a 2-core CPU (at most 20 minutes per fold); compose it:
+             configs/unet.py:folder,cpu.
 
 Demo command and expected result (no download needed):
   python -m nerveseg_jax.train --config configs/unet.py:synthetic
@@ -60,8 +62,19 @@ def _torch_reference(c: ml_collections.ConfigDict) -> None:
   c.warmup_steps = 0
 
 
+def _cpu(c: ml_collections.ConfigDict) -> None:
+  # The recipe for a 2-core CPU, within 20 minutes per fold (docs/study.md has the
+  # study it rests on): 96x96, 16 base features, 1000 steps of batch 16.
+  c.data.image_size = (96, 96)
+  c.model.features = 16
+  c.batch_size, c.eval_batch_size = 16, 32
+  c.num_train_steps, c.warmup_steps = 1000, 50
+  c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 50, 250, 250
+  c.keep_checkpoints = 1
+
+
 VARIANTS = {"synthetic": _synthetic, "smoke": _smoke, "folder": common.folder,
-            "torch_reference": _torch_reference}
+            "cpu": _cpu, "torch_reference": _torch_reference}
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -69,5 +82,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.name = "unet"
   # Allowed values and defaults: nerveseg_jax.models.MODEL_KEYS (block, norm, upsample...).
   c.model = common.model_config("unet", omit=("in_channels",))
-  c.loss = ml_collections.ConfigDict(dict(bce=1.0, dice=1.0, presence=0.5, deep=0.0))
+  c.loss = ml_collections.ConfigDict(dict(bce=1.0, dice=1.0, focal=0.0, presence=0.5,
+                                          deep=0.0))
   return common.apply_variants(c, arg, VARIANTS, "configs/unet.py")

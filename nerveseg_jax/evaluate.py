@@ -64,7 +64,8 @@ def format_table(out: dict[str, Any]) -> str:
   lines.append(f"calibration: {out['calibration']}")
   if "calibration_search" in out:
     lines.append(f"saved calibration to {out['calibration_search']['saved']}")
-  lines.append(f"wrote {out['output_dir']}/metrics.json and report.html")
+  lines.append(f"wrote {out['output_dir']}/metrics.json and " + (
+      "per_frame.csv; per fold: cv.md" if "cross_validation" in out else "report.html"))
   return "\n".join(lines)
 
 
@@ -72,7 +73,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = cli.parser("nerveseg-evaluate", __doc__.split("\n\n")[0],
                  "unlabelled frames (the Kaggle test set, your own frames): use nerveseg-predict.\n"
                  "example:\n  nerveseg-evaluate --workdir runs/unet_synthetic --tta")
-  cli.add_workdir(p, help_text="the trained run to score")
+  cli.add_workdir(p, help_text="the trained run to score, or a cross-validation folder "
+                  "(nerveseg-sweep --folds): its folds out of fold on --split val, "
+                  "else their ensemble")
   cli.add_config(p, required=False, help_text="config by name or path[:variant], "
                  "overriding WORKDIR/config.json (e.g. to point at other data)")
   p.add_argument("--split", choices=SPLITS, default="val",

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nerveseg_jax import models, postprocess, rle
+from nerveseg_jax import crossval, models, postprocess, rle
 from nerveseg_jax.postprocess import Calibration
 from nerveseg_jax import xla_flags
 
@@ -76,8 +76,13 @@ class _Run:
 
 
 def check_run(workdir: str | pathlib.Path, flag: str = "--workdir") -> pathlib.Path:
-  """WORKDIR as a path; FileNotFoundError naming FLAG if it holds no trained run."""
+  """WORKDIR as a path; FileNotFoundError naming FLAG if it holds no trained run (a
+  cross-validation folder counts when its folds do)."""
   path = pathlib.Path(workdir).expanduser()
+  if crossval.is_cv_dir(path):
+    for fold in crossval.fold_workdirs(path):
+      check_run(fold, flag)
+    return path
   if not (path / "config.json").is_file():
     raise FileNotFoundError(f"{flag} {path}: no config.json; is this a training workdir?")
   return path
@@ -197,7 +202,8 @@ class Predictor:
 
   Args:
     workdirs: one or more segmentation workdirs; several are ensembled by averaging
-      their probabilities.
+      their probabilities. A cross-validation folder (crossval.py) stands for all its
+      folds, each at the checkpoint its out-of-fold score was measured on.
     classifier_workdir: optional classifier run that decides nerve presence.
     tta: average with the horizontally flipped frame.
     batch_size: frames per device call; the last batch is padded to it.
@@ -221,10 +227,18 @@ class Predictor:
       raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     self.batch_size = int(batch_size)
     self.tta = bool(tta)
-    self.workdirs = [pathlib.Path(w).expanduser() for w in workdirs]
+    given = [pathlib.Path(w).expanduser() for w in workdirs]
+    self.cv_dirs = [w for w in given if crossval.is_cv_dir(w)]
+    runs = []  # (workdir, checkpoint)
+    for w in given:
+      if w in self.cv_dirs:
+        runs += [(f, crossval.CHECKPOINT) for f in crossval.fold_workdirs(w)]
+      else:
+        runs.append((w, which))
+    self.workdirs = [w for w, _ in runs]
     self.classifier_workdir = (pathlib.Path(classifier_workdir).expanduser()
                                if classifier_workdir else None)
-    self.runs = [_load_run(w, which) for w in self.workdirs]
+    self.runs = [_load_run(w, c) for w, c in runs]
     self._check_runs()
     self.classifier = None
     if self.classifier_workdir is not None:
@@ -234,11 +248,14 @@ class Predictor:
                          f"{self.classifier.name!r} is not a classifier "
                          f"({', '.join(CLASSIFIER_MODELS)})")
     if calibration is None:
-      calibration = postprocess.load_calibration(self.workdirs[0])
-      if calibration is not None and len(self.workdirs) > 1:
+      calibration = postprocess.load_calibration(given[0])
+      if calibration is not None and given[0] in self.cv_dirs:
+        log(f"{len(self.workdirs)} folds of {given[0]} ensembled, with the calibration "
+            "chosen on their out-of-fold predictions (each fold alone)")
+      elif calibration is not None and len(self.workdirs) > 1:
         # Thresholds chosen for one run's probabilities; an ensemble shifts them.
         # Still the best available guess, so use it, but say so.
-        log(f"note: {self.workdirs[0] / postprocess.CALIBRATION_FILE} was calibrated for "
+        log(f"note: {given[0] / postprocess.CALIBRATION_FILE} was calibrated for "
             "that run alone, not for this ensemble")
       calibration = calibration or Calibration()
       if self.classifier is not None:
@@ -256,6 +273,7 @@ class Predictor:
       raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     self.batch_size, self.tta = int(batch_size), bool(tta)
     self.workdirs, self.classifier_workdir, self.classifier = [], None, None
+    self.cv_dirs = []
     self.runs = [_run_of(config, model, pathlib.Path("<in memory>"))]
     self._check_runs()
     self.calibration = calibration or Calibration()

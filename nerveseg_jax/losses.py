@@ -1,4 +1,4 @@
-"""Training losses: BCE + soft Dice on the mask, BCE on nerve presence.
+"""Training losses: BCE (or focal) + soft Dice on the mask, BCE on nerve presence.
 
 Everything is computed in float32 whatever the compute dtype of the model, since
 bf16 sums over a 128x176 mask lose the small nerve regions.
@@ -33,6 +33,16 @@ def soft_dice_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.mean(1.0 - (2.0 * inter + _SMOOTH) / (denom + _SMOOTH))
 
 
+def focal(logits: jax.Array, targets: jax.Array, gamma: float = 2.0) -> jax.Array:
+  """Mean sigmoid focal loss: BCE down-weighted by (1 - p_t)^gamma on easy pixels, so the
+  few pixels on the nerve's edge carry more of the gradient than the easy background."""
+  logits, t = logits.astype(jnp.float32), targets.astype(jnp.float32)
+  ce = optax.sigmoid_binary_cross_entropy(logits, t)
+  p = jax.nn.sigmoid(logits)
+  p_t = p * t + (1.0 - p) * (1.0 - t)
+  return jnp.mean((1.0 - p_t) ** gamma * ce)
+
+
 def _match(mask: jax.Array, like: jax.Array) -> jax.Array:
   """Mask resized to a (lower-resolution) deep-supervision output."""
   if mask.shape == like.shape:
@@ -52,13 +62,17 @@ def seg_loss(outputs: Any, batch: Batch, loss_cfg: Mapping[str, float]
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted BCE + soft Dice on the mask, BCE on presence, and the deep term.
 
-  Weights: loss_cfg.bce, .dice, .presence, .deep (deep = mean of BCE + Dice over the
-  deep-supervision outputs; only used when the model returns them).
+  Weights: loss_cfg.bce, .dice, .focal (focal loss, gamma 2; 0 = off), .presence,
+  .deep (deep = mean of BCE + Dice over the deep-supervision outputs; only used when
+  the model returns them).
   """
   mask_logits, presence, deep = _split_outputs(outputs)
   mask = batch["mask"].astype(jnp.float32)
   aux = {"bce": bce(mask_logits, mask), "dice_loss": soft_dice_loss(mask_logits, mask)}
   total = loss_cfg["bce"] * aux["bce"] + loss_cfg["dice"] * aux["dice_loss"]
+  if loss_cfg.get("focal", 0.0):
+    aux["focal"] = focal(mask_logits, mask)
+    total = total + loss_cfg["focal"] * aux["focal"]
   if presence is not None and loss_cfg["presence"]:
     aux["presence_bce"] = bce(presence.reshape(-1), batch["has_nerve"])
     total = total + loss_cfg["presence"] * aux["presence_bce"]

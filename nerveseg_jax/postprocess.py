@@ -195,6 +195,16 @@ class FrameStats:
   def __len__(self) -> int:
     return len(self._presence)
 
+  def extend(self, other: "FrameStats") -> None:
+    """Adds OTHER's frames (statistics on the same threshold grid), e.g. another fold's."""
+    if not np.array_equal(self.mask_thresholds, other.mask_thresholds):
+      raise ValueError("FrameStats on different mask-threshold grids cannot be merged")
+    for mine, theirs in ((self._inter, other._inter), (self._area, other._area),
+                         (self._truth_area, other._truth_area),
+                         (self._presence, other._presence),
+                         (self._frame_area, other._frame_area)):
+      mine.extend(theirs)
+
   def arrays(self) -> dict[str, np.ndarray]:
     """inter, area (T, 2, N); truth_area, presence, frame_area (N,)."""
     if not self._presence:

@@ -195,7 +195,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  "example:\n  nerveseg-predict --workdir runs/unet --images ~/kaggle/test "
                  "--output out/\n  -> out/submission.csv, out/masks/, out/overlays/, "
                  "out/report.html, out/summary.json")
-  cli.add_workdir(p, multiple=True, help_text="segmentation run; repeat to ensemble")
+  cli.add_workdir(p, multiple=True, help_text="segmentation run, or a cross-validation "
+                  "folder (nerveseg-sweep --folds: its folds); repeat to ensemble")
   p.add_argument("--images", required=True, help="a folder of frames or one frame")
   p.add_argument("--output", required=True,
                  help="output FOLDER (empty or new); submission.csv is written inside it")

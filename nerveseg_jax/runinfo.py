@@ -12,7 +12,7 @@ import json
 import pathlib
 from typing import Any
 
-from nerveseg_jax import postprocess
+from nerveseg_jax import crossval, postprocess
 from nerveseg_jax import workdir as workdir_lib
 
 EVAL_METRICS = pathlib.Path("eval") / "metrics.json"
@@ -43,6 +43,8 @@ def model_info(workdir: str | pathlib.Path, which: str = "best") -> dict[str, An
   says which, so a number is never shown without where it came from.
   """
   workdir = pathlib.Path(workdir).expanduser()
+  if crossval.is_cv_dir(workdir):
+    return _cv_info(workdir)
   config = json.loads((workdir / "config.json").read_text())
   step = checkpoint_step(workdir, which)
   info: dict[str, Any] = dict(
@@ -63,3 +65,20 @@ def model_info(workdir: str | pathlib.Path, which: str = "best") -> dict[str, An
   info["calibrated"] = cal_file.exists()
   info["calibrated_at"] = _utc(cal_file.stat().st_mtime) if cal_file.exists() else None
   return info
+
+
+def _cv_info(cv_dir: pathlib.Path) -> dict[str, Any]:
+  """model_info of a cross-validation folder: its out-of-fold scores, mean over folds."""
+  cv = crossval.read(cv_dir)
+  folds = crossval.fold_workdirs(cv_dir)
+  config = json.loads((folds[0] / "config.json").read_text())
+  mean = cv["mean"]["calibrated"]
+  cal_file = cv_dir / postprocess.CALIBRATION_FILE
+  return dict(
+      name=cv_dir.name, model=(config.get("model") or {}).get("name"),
+      checkpoint=cv.get("checkpoint"), step=None, folds=crossval.describe(cv_dir),
+      kaggle_score=mean.get("kaggle_score"), nerve_dice=mean.get("dice_nerve_frames"),
+      scores_source=("cross-validation: mean over folds, each scored on its own "
+                     "validation subjects at the frames' own size, calibrated out of fold"),
+      calibrated=cal_file.exists(),
+      calibrated_at=_utc(cal_file.stat().st_mtime) if cal_file.exists() else None)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from nerveseg_jax import cli, inference, postprocess, report, runinfo, summaries
+from nerveseg_jax import cli, crossval, inference, postprocess, report, runinfo, summaries
 from nerveseg_jax import workdir as workdir_lib
 from nerveseg_jax.data import labelled
 from nerveseg_jax.postprocess import Calibration
@@ -124,10 +124,18 @@ def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
   never calibrated is first calibrated alone, as without a classifier).
   """
   workdir = pathlib.Path(workdir).expanduser()
-  if config is None:
-    config = workdir_lib.read_config(workdir)
   if split not in SPLITS:
     raise ValueError(f"--split must be one of {SPLITS}, got {split!r}")
+  cv = crossval.is_cv_dir(workdir)
+  if cv and split == "val" and not folder:
+    if classifier_workdir or not calibrate_split:
+      raise ValueError(f"--workdir {workdir} is a cross-validation folder: its validation "
+                       "score is out of fold, always calibrated on the folds' own "
+                       "predictions, without a classifier; drop --classifier_workdir and "
+                       "--no_calibrate, or score a --folder or --split test")
+    return out_of_fold(workdir, tta=tta, batch_size=batch_size)
+  if config is None:
+    config = workdir_lib.read_config(crossval.fold_workdirs(workdir)[0] if cv else workdir)
   batch_size = batch_size or int(config.get("eval_batch_size", 8))
   classifier_dir = (pathlib.Path(classifier_workdir).expanduser() if classifier_workdir
                     else None)
@@ -143,7 +151,8 @@ def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
   out_dir = workdir / "eval" if (split == "val" and not folder) else (
       workdir / "eval" / ("folder_" + pathlib.Path(folder).name if folder else split))
   out: dict[str, Any] = dict(workdir=str(workdir), source=source, checkpoint=which, tta=tta,
-                            checkpoint_step=runinfo.checkpoint_step(workdir, which))
+                            checkpoint_step=None if cv else runinfo.checkpoint_step(
+                                workdir, which))
   calibrating = split == "val" and not folder and calibrate_split
 
   if classifier_dir is None:
@@ -224,6 +233,31 @@ def run(workdir: str | pathlib.Path, *, config=None, split: str = "val",
   writer.writerows(rows)
   workdir_lib.write_text_atomic(out_dir / "per_frame.csv", table.getvalue())
   builder.write(out_dir / "report.html", **report.evaluation_sections(out))
-  summaries.write_evaluation(workdir, out)  # the run's TensorBoard, beside training's
+  if not cv:  # a CV folder has no steps of its own to plot against
+    summaries.write_evaluation(workdir, out)  # the run's TensorBoard, beside training's
   out["output_dir"] = str(out_dir)
+  return out
+
+
+def out_of_fold(cv_dir: str | pathlib.Path, *, tta: bool = False,
+                batch_size: int | None = None) -> dict[str, Any]:
+  """A cross-validation folder's folds scored again on their own validation subjects
+  (crossval.score_folds: rewrites cv.json, cv.md and the out-of-fold calibration.json);
+  returns run()'s dict, with the out-of-fold metrics before and after calibration."""
+  cv_dir = pathlib.Path(cv_dir).expanduser()
+  cv = crossval.read(cv_dir)
+  folds = [dict(r, workdir=cv_dir / r["workdir"]) for r in cv["per_fold"]]
+  cv = crossval.score_folds(cv_dir, folds, num_folds=int(cv["num_folds"]), tta=tta,
+                            batch_size=batch_size)
+  out = dict(workdir=str(cv_dir), source=f"out of fold, {crossval.describe(cv_dir)}",
+             checkpoint=crossval.CHECKPOINT, checkpoint_step=None, tta=tta,
+             classifier_workdir=None,
+             pipeline="each fold on its own validation subjects (not an ensemble)",
+             before_calibration=cv["out_of_fold"]["default"],
+             metrics=cv["out_of_fold"]["calibrated"], calibration=cv["calibration"],
+             calibration_search=dict(saved=str(cv_dir / postprocess.CALIBRATION_FILE)),
+             cross_validation={k: cv[k] for k in ("mean", "sd", "folds", "num_folds")},
+             skipped=[], output_dir=str(cv_dir / "eval"))
+  workdir_lib.write_text_atomic(cv_dir / "eval" / "metrics.json",
+                                json.dumps(out, indent=2) + "\n")
   return out

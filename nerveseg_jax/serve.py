@@ -27,7 +27,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = cli.parser("nerveseg-serve", __doc__.split("\n\n")[0],
                  "example:\n  nerveseg-serve --workdir runs/unet   # then open the printed "
                  "address")
-  cli.add_workdir(p, multiple=True, help_text="segmentation run; repeat to ensemble")
+  cli.add_workdir(p, multiple=True, help_text="segmentation run, or a cross-validation "
+                  "folder (nerveseg-sweep --folds: its folds); repeat to ensemble")
   p.add_argument("--host", default="127.0.0.1",
                  help="address to bind; 0.0.0.0 exposes the page to the network")
   p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one")

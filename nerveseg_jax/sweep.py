@@ -21,6 +21,16 @@ sweep file's, else the one train.py keeps the best checkpoint by). train evaluat
 the network's resolution; ``--evaluate`` also scores each run's last checkpoint with
 ``nerveseg_jax.evaluate`` at the frames' own size, as Kaggle does, and ranks by that
 (needed to compare resolutions fairly).
+
+Cross-validation (crossval.py has the folder's layout):
+  python -m nerveseg_jax.sweep --config CONFIG --folds K [--fold_ids 0,1] [--workdir DIR]
+trains fold k of a K-fold subject-wise split into DIR/fold_<k> for every k (or only
+--fold_ids), then scores every fold out of fold at the frames' own size and writes
+DIR/cv.md, cv.json and the out-of-fold calibration.json; predict, evaluate and serve
+take DIR as --workdir and ensemble its folds. With --sweep as well, every run of the
+sweep file is such a CV folder, WORKDIR/<name>, and sweep.md compares the settings by
+mean ± sd over folds with each one's paired difference from the base and its noise.
+Re-running resumes in both cases.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ from typing import Any
 
 import ml_collections
 
-from nerveseg_jax import cli
+from nerveseg_jax import cli, crossval
 from nerveseg_jax import workdir as workdir_lib
 
 log = logging.getLogger("nerveseg_jax.sweep")
@@ -337,16 +347,119 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any], workdir,
   return summaries, metric
 
 
+def _fold_plan(config: ml_collections.ConfigDict, workdir, num_folds: int,
+               fold_ids: Sequence[int], where: str) -> list[tuple[int, Any, Any]]:
+  """(fold, config, workdir) of every fold to train, each config checked."""
+  from nerveseg_jax import sharding, train_state  # pylint: disable=g-import-not-at-top
+  plan = []
+  for k in fold_ids:
+    here = f"{where} fold {k}"
+    try:
+      cfg = crossval.fold_config(config, num_folds, k)
+      train_state.validate_config(cfg, sharding.make_mesh(cfg.mesh).size)
+    except ValueError as e:
+      raise SweepError(f"{here}: {e}") from None
+    fold_dir = workdir / crossval.fold_name(k)
+    _check_workdir(cfg, fold_dir, here)
+    plan.append((k, cfg, fold_dir))
+  return plan
+
+
+def _cv_is_current(workdir, folds: list[dict[str, Any]]) -> dict[str, Any] | None:
+  """cv.json when it scored exactly these folds at these steps (nothing to redo)."""
+  if not (workdir / crossval.CV_FILE).exists():
+    return None
+  try:
+    cv = crossval.read(workdir)
+  except crossval.CrossValError:
+    return None
+  now = [(f["fold"], f["status"], f.get("step")) for f in folds]
+  then = [(r["fold"], r["status"], r.get("step")) for r in cv["per_fold"]]
+  return cv if now == then else None
+
+
+def run_cv(plan: list[tuple[int, Any, Any]], workdir, num_folds: int, where: str,
+           tta: bool = False) -> dict[str, Any]:
+  """Trains the planned folds one after another (or reads them back), then scores them."""
+  folds = []
+  for k, cfg, fold_dir in plan:
+    log.info("%s fold %d (%d of %d)", where, k, len(folds) + 1, len(plan))
+    run = {"name": crossval.fold_name(k), "data.num_folds": num_folds, "data.fold": k}
+    s = run_one(cfg, run, fold_dir, "kaggle_score", f"{where} fold {k}")
+    folds.append({"fold": k, "workdir": fold_dir, "status": s["status"],
+                  "wall_seconds": s.get("wall_seconds"), "steps": s.get("steps"),
+                  "step": (workdir_lib.checkpoint_steps(fold_dir) or [None])[-1]})
+  current = _cv_is_current(workdir, folds)
+  if current is not None and current.get("tta") == tta:
+    log.info("%s: scored earlier, read from %s", where, workdir / crossval.CV_FILE)
+    return current
+  if not _is_writer():
+    return {}
+  return crossval.score_folds(workdir, folds, num_folds=num_folds, tta=tta)
+
+
+def run_cv_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any] | None, workdir,
+                 num_folds: int, fold_ids: Sequence[int], title: str,
+                 overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+  """One CV folder (SWEEP None) in WORKDIR, or one per sweep run in WORKDIR/<name>.
+
+  Returns ({name: cv.json dict}, the markdown written to WORKDIR/cv.md or sweep.md).
+  """
+  from nerveseg_jax import sharding  # pylint: disable=g-import-not-at-top
+  sharding.maybe_initialize_distributed()
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    raise SweepError(f"{title}: --folds scores on one host; run it in one process")
+  workdir = workdir_lib.as_path(workdir)
+  base = apply_overrides(config, (sweep or {}).get("base", {}), f"{title} (base)")
+  base = apply_overrides(base, overrides or {}, f"{title} (--config overrides)")
+  if sweep is None:
+    cv = run_cv(_fold_plan(base, workdir, num_folds, fold_ids, title), workdir, num_folds,
+                title)
+    return {workdir.name: cv}, (workdir / crossval.CV_TABLE).read_text()
+  # Every run's every fold is planned and checked before the first one trains.
+  plans = {}
+  for run in sweep["runs"]:
+    where = f"{title} run {run['name']!r}"
+    cfg = apply_overrides(base, {k: v for k, v in run.items() if k != "name"}, where)
+    plans[run["name"]] = _fold_plan(cfg, workdir / run["name"], num_folds, fold_ids, where)
+  run_overrides = {r["name"]: _jsonable({k: v for k, v in r.items() if k != "name"})
+                   for r in sweep["runs"]}
+  base_name = "base" if "base" in plans else sweep["runs"][0]["name"]
+  cvs: dict[str, Any] = {}
+  table = ""
+  for name, plan in plans.items():
+    cvs[name] = run_cv(plan, workdir / name, num_folds, f"{title} run {name!r}")
+    if _is_writer():
+      table = crossval.render_study(cvs, run_overrides, base_name, f"# {title}",
+                                    noise_run=sweep.get("noise_run"))
+      _write_json(workdir / "sweep.json", {
+          "num_folds": num_folds, "folds": list(fold_ids), "base": _jsonable(sweep["base"]),
+          "overrides": _jsonable(overrides or {}), "base_run": base_name,
+          "noise_run": sweep.get("noise_run"),
+          "runs": {n: {"overrides": run_overrides[n], "cv": c} for n, c in cvs.items()}})
+      workdir_lib.write_text_atomic(workdir / "sweep.md", table)
+  return cvs, table
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = cli.parser(
       "nerveseg-sweep", "Train one config under a list of overrides, one run after "
       "another, and rank them by validation (re-running resumes).",
-      "example:\n  nerveseg-sweep --config unet:folder --sweep configs/sweeps/real_subset.py "
-      "\\\n      --config.data.manual_dir=~/frames --evaluate")
+      "examples:\n  nerveseg-sweep --config unet:folder --sweep configs/sweeps/real_subset.py "
+      "\\\n      --config.data.manual_dir=~/frames --evaluate\n"
+      "  nerveseg-sweep --config unet:folder,cpu --folds 5 --workdir runs/cv \\\n"
+      "      --config.data.manual_dir=~/frames   # then: nerveseg-predict --workdir runs/cv ...")
   cli.add_config(p)
   cli.add_workdir(p, required=False,
                   help_text="where the runs go (default ./runs/sweep_<sweep file>)")
-  p.add_argument("--sweep", required=True, help="configs/sweeps/<name>.py[:arg]")
+  p.add_argument("--sweep", default="",
+                 help="configs/sweeps/<name>.py[:arg] (needed unless --folds is given)")
+  p.add_argument("--folds", type=int, default=0,
+                 help="K: cross-validate over a K-fold subject-wise split, into "
+                      "WORKDIR/fold_<k> (with --sweep: WORKDIR/<run>/fold_<k>)")
+  p.add_argument("--fold_ids", default="",
+                 help="with --folds: train only these folds, e.g. 0,1 (default: all)")
   p.add_argument("--evaluate", action="store_true",
                  help="also score each run at the frames' own size with evaluate "
                       "(uncalibrated), and rank by that")
@@ -359,10 +472,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 @cli.command
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  if args.fold_ids and not args.folds:
+    raise SweepError("--fold_ids needs --folds K")
+  if not args.sweep and not args.folds:
+    raise SweepError("give --sweep SWEEP_FILE, or --folds K to cross-validate the config")
   path, _, arg = args.sweep.partition(":")
+  overrides = {k: get_key(args.config, k) for k, _ in args.overrides}
+  if args.folds:
+    if args.evaluate or args.metric:
+      raise SweepError("--folds always scores at the frames' own size by nerve Dice and "
+                       "Kaggle score; drop --evaluate and --metric")
+    fold_ids = crossval.parse_folds(args.folds, args.fold_ids)
+    default = (f"sweep_{pathlib.Path(path).stem}" if path
+               else f"cv_{args.config.get('name', 'run')}")
+    workdir = args.workdir or str(pathlib.Path("runs") / default)
+    title = (f"sweep {args.sweep}, " if path else "cross-validation, ") + (
+        f"folds {','.join(map(str, fold_ids))} of {args.folds}")
+    try:
+      _, table = run_cv_sweep(args.config, load_sweep(path, arg) if path else None, workdir,
+                              args.folds, fold_ids, title, overrides)
+    except Preempted as e:
+      print(f"preempted in {e}: run the same command again to resume")
+      return 143
+    if _is_writer():
+      print(table)
+    return 0
   # A string, not pathlib: gs://bucket/sweep must keep its double slash.
   workdir = args.workdir or str(pathlib.Path("runs") / f"sweep_{pathlib.Path(path).stem}")
-  overrides = {k: get_key(args.config, k) for k, _ in args.overrides}
   try:
     sweep = load_sweep(path, arg)
     summaries, metric = run_sweep(args.config, sweep, workdir, args.metric or None,

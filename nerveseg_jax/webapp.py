@@ -453,15 +453,17 @@ def create_app(load: Callable[[], inference.Predictor] | inference.Predictor,
       return JSONResponse(body, status_code=503)
     p = worker.predictor
     # Run names only: the server's paths are no business of its clients.
-    body.update(workdirs=[w.name for w in p.workdirs],
+    body.update(workdirs=[f"{w.parent.name}/{w.name}" if w.parent in p.cv_dirs else w.name
+                          for w in p.workdirs],
                 classifier_workdir=p.classifier_workdir.name if p.classifier_workdir else None,
                 tta=p.tta, batch_size=p.batch_size, calibration=p.calibration.to_dict())
     if not about:
+      first = p.cv_dirs[0] if p.cv_dirs else p.workdirs[0]
       try:
-        about.update(await run_in_threadpool(runinfo.model_info, p.workdirs[0], which))
+        about.update(await run_in_threadpool(runinfo.model_info, first, which))
       except Exception as e:  # pylint: disable=broad-except
         # A run that cannot be described must not make the server look down.
-        about.update(name=p.workdirs[0].name, error=f"{type(e).__name__}: {e}")
+        about.update(name=first.name, error=f"{type(e).__name__}: {e}")
     body.update(model=about, uncertain_margin=uncertain_margin)
     return body
 

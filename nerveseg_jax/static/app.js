@@ -62,7 +62,8 @@
   function showModel(m, health) {
     const score = (x) => (typeof x === "number" ? x.toFixed(3) : "n/a");
     const runs = (health.workdirs || []).length;
-    const parts = [`Model ${m.name || "?"}` + (runs > 1 ? ` (first of an ensemble of ${runs})` : "")];
+    const parts = [`Model ${m.name || "?"}` + (m.folds ? ` (ensemble of ${m.folds})`
+                   : runs > 1 ? ` (first of an ensemble of ${runs})` : "")];
     if (typeof m.step === "number") parts.push(`checkpoint step ${m.step}`);
     if (typeof m.kaggle_score === "number" || typeof m.nerve_dice === "number") {
       parts.push(`validation Kaggle score ${score(m.kaggle_score)}`,
