@@ -1,4 +1,4 @@
-"""Losses: BCE + soft Dice + presence BCE, their weights and the deep-supervision term."""
+"""Losses: BCE + soft Dice + presence BCE, focal, their weights and the deep-supervision term."""
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,22 @@ def test_weights_are_applied():
   total, _ = losses.seg_loss(out, b, dict(bce=2.0, dice=0.0, presence=3.0, deep=0.0))
   np.testing.assert_allclose(total, 2 * aux["bce"] + 3 * aux["presence_bce"], rtol=1e-6)
   np.testing.assert_allclose(aux["bce"], np.log(2), rtol=1e-6)
+
+
+def test_focal_term_down_weights_easy_pixels_and_is_weighted():
+  b = _batch()
+  logits = _logits(b["mask"], 3.0)  # confident and right: easy pixels
+  # gamma 0 is plain BCE; gamma 2 scales each pixel's BCE by (1 - p_t)^2 < 1.
+  np.testing.assert_allclose(losses.focal(logits, b["mask"], gamma=0.0),
+                             losses.bce(logits, b["mask"]), rtol=1e-6)
+  p_t = jax.nn.sigmoid(3.0)
+  np.testing.assert_allclose(losses.focal(logits, b["mask"]),
+                             (1 - p_t) ** 2 * losses.bce(logits, b["mask"]), rtol=1e-5)
+  out = (logits, jnp.array([9.0, -9.0]))
+  off, aux_off = losses.seg_loss(out, b, CFG)
+  on, aux = losses.seg_loss(out, b, dict(CFG, focal=4.0))
+  assert "focal" not in aux_off
+  np.testing.assert_allclose(on - off, 4.0 * aux["focal"], rtol=1e-4, atol=1e-7)
 
 
 def test_deep_supervision_term_at_lower_resolution():
