@@ -12,8 +12,8 @@ subject-wise split, so every difference is paired by fold; re-running resumes):
 
 Settings change one thing each from the `cpu` recipe, at a screening schedule of 400
 steps (a setting that wins here is then confirmed at the full schedule). They are
-ordered by what they cost and decide, so an interrupted study has its cheapest
-answers first. `steps_2x` is the schedule factor: 800 against 400 steps.
+ordered by what they are expected to decide, so an interrupted study has the
+likeliest levers first. `steps_2x` is the schedule factor: 800 against 400 steps.
 """
 
 STRONG_AUGMENT = {
@@ -35,14 +35,14 @@ def get_sweep(arg: str = "") -> dict:
   runs = [
       {"name": "base"},
       {"name": "seed1", "seed": 1},
-      {"name": "augment_off", "data.augment.enabled": False},
-      {"name": "augment_strong", **STRONG_AUGMENT},
-      {"name": "focal_dice", "loss.bce": 0.0, "loss.focal": 1.0},
-      {"name": "residual", "model.block": "residual"},
-      {"name": "deep_supervision", "model.deep_supervision": True, "loss.deep": 0.5},
-      {"name": "res_128", "data.image_size": (128, 128)},
       {"name": "steps_2x", "num_train_steps": 800, "eval_every_steps": 800,
        "checkpoint_every_steps": 800},
+      {"name": "res_128", "data.image_size": (128, 128)},
+      {"name": "focal_dice", "loss.bce": 0.0, "loss.focal": 1.0},
+      {"name": "augment_off", "data.augment.enabled": False},
+      {"name": "residual", "model.block": "residual"},
+      {"name": "deep_supervision", "model.deep_supervision": True, "loss.deep": 0.5},
+      {"name": "augment_strong", **STRONG_AUGMENT},
       {"name": "width_32", "model.features": 32},
       {"name": "res_160", "data.image_size": (160, 160)},
   ]
