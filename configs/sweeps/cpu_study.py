@@ -25,7 +25,8 @@ STRONG_AUGMENT = {
 
 
 def get_sweep(arg: str = "") -> dict:
-  del arg
+  """ARG: optional comma-separated setting names, to train only those (in that order),
+  e.g. to share the settings between two processes on one machine."""
   base = {
       "num_train_steps": 400,
       "warmup_steps": 25,
@@ -46,4 +47,10 @@ def get_sweep(arg: str = "") -> dict:
       {"name": "width_32", "model.features": 32},
       {"name": "res_160", "data.image_size": (160, 160)},
   ]
+  if arg:
+    by_name = {r["name"]: r for r in runs}
+    unknown = [n for n in arg.split(",") if n not in by_name]
+    if unknown:
+      raise ValueError(f"cpu_study: unknown setting(s) {unknown}; known: {list(by_name)}")
+    runs = [by_name[n] for n in arg.split(",")]
   return {"base": base, "runs": runs, "noise_run": "seed1"}
