@@ -115,6 +115,32 @@ def _mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None
   return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else None)
 
 
+def fold_stats(workdirs: Sequence[pathlib.Path], *, tta: bool = False,
+               batch_size: int | None = None, label: str = "scored"
+               ) -> tuple[postprocess.FrameStats, list[str]]:
+  """Calibration statistics of WORKDIRS (one fold's run, or several runs of the same
+  fold, ensembled) on that fold's validation frames, at the frames' own size."""
+  from nerveseg_jax import inference  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax.data import labelled  # pylint: disable=g-import-not-at-top
+  config = workdir_lib.read_config(workdirs[0])
+  ids = labelled.split_ids(config.data, "val")
+  for w in workdirs[1:]:
+    other = workdir_lib.read_config(w).data
+    if (other.num_folds, other.fold) != (config.data.num_folds, config.data.fold):
+      raise CrossValError(f"{w} is fold {other.fold} of {other.num_folds}, {workdirs[0]} "
+                          f"fold {config.data.fold} of {config.data.num_folds}: not one fold")
+  predictor = inference.Predictor(
+      list(workdirs), tta=tta, batch_size=batch_size or int(config.eval_batch_size),
+      which=CHECKPOINT, calibration=Calibration())
+  stats, names = postprocess.FrameStats(), []
+  frames = labelled.dataset_frames(config.data, "val", ids)
+  for chunk in cli.progress(labelled.chunks(frames, 64), len(ids), label, size=len):
+    for i, prob, presence in predictor.probabilities([c.image for c in chunk]):
+      stats.add(prob, presence, chunk[i].truth)
+      names.append(chunk[i].name)
+  return stats, names
+
+
 def score_folds(cv_dir: str | pathlib.Path, folds: Sequence[dict[str, Any]], *,
                 num_folds: int, tta: bool = False, batch_size: int | None = None
                 ) -> dict[str, Any]:
@@ -123,8 +149,7 @@ def score_folds(cv_dir: str | pathlib.Path, folds: Sequence[dict[str, Any]], *,
   FOLDS: one dict per trained fold, {"fold", "workdir" (a Path), "status", and
   optionally "wall_seconds", "steps"}; only status "ok" is scored. Returns cv.json's dict.
   """
-  from nerveseg_jax import inference, scoring  # pylint: disable=g-import-not-at-top
-  from nerveseg_jax.data import labelled  # pylint: disable=g-import-not-at-top
+  from nerveseg_jax import scoring  # pylint: disable=g-import-not-at-top
   cv_dir = pathlib.Path(cv_dir).expanduser()
   per_fold, stats, names = [], [], []
   for f in folds:
@@ -134,19 +159,8 @@ def score_folds(cv_dir: str | pathlib.Path, folds: Sequence[dict[str, Any]], *,
     per_fold.append(row)
     if row["status"] != "ok":
       continue
-    config = workdir_lib.read_config(f["workdir"])
-    ids = labelled.split_ids(config.data, "val")
-    predictor = inference.Predictor(
-        [f["workdir"]], tta=tta, batch_size=batch_size or int(config.eval_batch_size),
-        which=CHECKPOINT, calibration=Calibration())
-    s, fold_names = postprocess.FrameStats(), []
-    frames = labelled.dataset_frames(config.data, "val", ids)
-    for chunk in cli.progress(labelled.chunks(frames, 64), len(ids),
-                              f"fold {row['fold']} scored", size=len):
-      for i, prob, presence in predictor.probabilities([c.image for c in chunk]):
-        s.add(prob, presence, chunk[i].truth)
-        fold_names.append(chunk[i].name)
-    del predictor
+    s, fold_names = fold_stats([f["workdir"]], tta=tta, batch_size=batch_size,
+                               label=f"fold {row['fold']} scored")
     row.update(step=workdir_lib.checkpoint_steps(f["workdir"])[-1], frames=len(s),
                nerve_frames=int((s.arrays()["truth_area"] > 0).sum()))
     stats.append((row, s))
@@ -277,44 +291,116 @@ def noise_floor(diff: dict[str, Any], seed_noise: float | None) -> float | None:
 
 def render_study(cvs: dict[str, dict[str, Any]], overrides: dict[str, dict[str, Any]],
                  base: str, header: str, noise_run: str | None = None,
-                 metric: str = "dice_nerve_frames") -> str:
+                 metric: str = "dice_nerve_frames", label: str = "calibrated") -> str:
   """The sweep-of-CVs table: mean ± sd per setting, and its paired difference from BASE.
 
-  A difference "counts" when |mean| exceeds noise_floor; NOISE_RUN (the base repeated
-  with another seed) sets the seed floor.
+  Settings are compared by LABEL's METRIC: "calibrated" by default, because the
+  uncalibrated score moves with where a run's probabilities happen to cross 0.5 (its
+  seed-to-seed spread is several times the calibrated one's). A difference "counts"
+  when |mean| exceeds noise_floor; NOISE_RUN (the base repeated with another seed)
+  sets the seed floor.
   """
+  other = "default" if label == "calibrated" else "calibrated"
+  names = {"default": "uncalibrated", "calibrated": "calibrated"}
   seed = None
   if noise_run and noise_run in cvs and base in cvs:
-    seed_diff = paired_difference(cvs[base], cvs[noise_run], "default", metric)["mean"]
+    seed_diff = paired_difference(cvs[base], cvs[noise_run], label, metric)["mean"]
     seed = abs(seed_diff) if seed_diff is not None else None
   lines = [header, "",
-           f"Each setting: mean ± sd over its folds of `{metric}` at the frames' own size "
-           f"(uncalibrated; calibrated with the out-of-fold calibration). Δ: paired by fold "
-           f"against `{base}`, mean ± sd. A Δ counts when |Δ| > 2·sd/√n"
+           f"Each setting: mean ± sd over its folds of `{metric}` at the frames' own size, "
+           "uncalibrated and calibrated (the post-processing chosen on the setting's "
+           f"out-of-fold predictions). Δ: paired by fold against `{base}`, mean ± sd; the "
+           f"{names[label]} Δ counts when |Δ| > 2·sd/√n"
            + (f" and > the seed difference of `{noise_run}` ({_f(seed)})" if seed is not None
               else "") + ".", "",
-           "| setting | overrides | folds | uncalibrated | calibrated | Δ uncalibrated | "
-           "noise | counts? | train wall per fold (s) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| setting | overrides | folds | uncalibrated | calibrated | "
+           f"Δ {names[label]} | noise | counts? | Δ {names[other]} | "
+           "train wall per fold (s) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+
+  def delta_text(d):
+    if not d or d["mean"] is None:
+      return "-"
+    return ("+" if d["mean"] >= 0 else "") + mean_sd_text(d["mean"], d["sd"])
+
   for name, cv in cvs.items():
     ok = [r for r in cv["per_fold"] if r.get("status") == "ok"]
     walls = [r["wall_seconds"] for r in ok if r.get("wall_seconds")]
     ov = ", ".join(f"`{k}={v}`" for k, v in overrides.get(name, {}).items()) or "(base)"
-    if name == base:
-      delta, noise, counts = "-", "-", "-"
+    if name == base or base not in cvs:
+      delta = noise = counts = delta_other = "-"
     else:
-      d = paired_difference(cvs[base], cv, "default", metric) if base in cvs else None
-      floor = noise_floor(d, seed) if d else None
-      delta = mean_sd_text(d["mean"], d["sd"]) if d else "-"
-      if d and d["mean"] is not None and d["mean"] >= 0:
-        delta = "+" + delta
-      noise = _f(floor)
+      d = paired_difference(cvs[base], cv, label, metric)
+      floor = noise_floor(d, seed)
+      delta, noise = delta_text(d), _f(floor)
       counts = ("-" if floor is None or d["mean"] is None
                 else ("yes" if abs(d["mean"]) > floor else "no"))
+      delta_other = delta_text(paired_difference(cvs[base], cv, other, metric))
     lines.append(
         f"| {name} | {ov} | {len(ok)} | "
         f"{mean_sd_text(cv['mean']['default'][metric], cv['sd']['default'][metric])} | "
         f"{mean_sd_text(cv['mean']['calibrated'][metric], cv['sd']['calibrated'][metric])} | "
-        f"{delta} | {noise} | {counts} | "
+        f"{delta} | {noise} | {counts} | {delta_other} | "
         f"{'-' if not walls else f'{np.mean(walls):.0f}'} |")
+  return "\n".join(lines) + "\n"
+
+
+def inference_levers(cv_dir: str | pathlib.Path, partner: str | pathlib.Path | None = None,
+                     batch_size: int | None = None) -> dict[str, Any]:
+  """Out of fold, what each inference lever adds to CV_DIR's folds (nothing is written).
+
+  Rows: uncalibrated; calibrated without, then with, the largest-component option;
+  flip TTA; and, with PARTNER (a CV folder of the same folds, e.g. another seed), the
+  two runs of each fold ensembled, without and with TTA. Each row is calibrated on the
+  pooled out-of-fold frames of its own predictions; per-fold nerve Dice (mean ± sd)
+  and the pooled Kaggle score.
+  """
+  from nerveseg_jax import scoring  # pylint: disable=g-import-not-at-top
+  cv_dir = pathlib.Path(cv_dir).expanduser()
+  folds = fold_workdirs(cv_dir)
+  pairs = None
+  if partner is not None:
+    partner = pathlib.Path(partner).expanduser()
+    theirs = {pathlib.Path(w).name: w for w in fold_workdirs(partner)}
+    pairs = [[w, theirs[w.name]] for w in folds if w.name in theirs]
+    if not pairs:
+      raise CrossValError(f"{partner} has none of the folds of {cv_dir}")
+  settings = [("uncalibrated", [[w] for w in folds], False, None),
+              ("calibrated, no largest component", [[w] for w in folds], False, False),
+              ("calibrated", [[w] for w in folds], False, True),
+              ("calibrated + flip TTA", [[w] for w in folds], True, True)]
+  if pairs:
+    settings += [("calibrated + 2-run ensemble", pairs, False, True),
+                 ("calibrated + 2-run ensemble + flip TTA", pairs, True, True)]
+  cache: dict[tuple, list] = {}
+  rows = []
+  for name, groups, tta, largest in settings:
+    key = (tuple(len(g) for g in groups), tta)
+    if key not in cache:
+      cache[key] = [fold_stats(g, tta=tta, batch_size=batch_size, label=f"{name}: scored")[0]
+                    for g in groups]
+    per_fold = cache[key]
+    merged = postprocess.FrameStats()
+    for s in per_fold:
+      merged.extend(s)
+    cal = (Calibration() if largest is None else
+           postprocess.search(merged, allow_largest_component=largest).calibration)
+    dice = [float(s.per_frame_dice(cal)[s.arrays()["truth_area"] > 0].mean())
+            for s in per_fold]
+    pooled = scoring.summarize(merged.per_frame_dice(cal), merged.decisions(cal),
+                               merged.arrays()["truth_area"] > 0)
+    mean, sd = _mean_sd(dice)
+    rows.append(dict(setting=name, folds=len(per_fold), nerve_dice_per_fold=dice,
+                     nerve_dice_mean=mean, nerve_dice_sd=sd,
+                     kaggle_score=pooled["kaggle_score"], calibration=cal.to_dict()))
+  return {"cv_dir": str(cv_dir), "partner": str(partner) if partner else None, "rows": rows}
+
+
+def render_levers(levers: dict[str, Any], header: str) -> str:
+  lines = [header, "", "| inference | folds | nerve Dice, mean ± sd over folds | Kaggle "
+           "(pooled) | calibration |", "|---|---|---|---|---|"]
+  for r in levers["rows"]:
+    lines.append(f"| {r['setting']} | {r['folds']} | "
+                 f"{mean_sd_text(r['nerve_dice_mean'], r['nerve_dice_sd'])} | "
+                 f"{_f(r['kaggle_score'])} | `{json.dumps(r['calibration'])}` |")
   return "\n".join(lines) + "\n"

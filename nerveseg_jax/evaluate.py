@@ -21,6 +21,10 @@ drops) and saved to CLS/calibration.json, where Predictor reads it; WORKDIR's ow
 calibration.json is not changed. metrics.json names the classifier ("pipeline",
 "classifier_workdir").
 
+--levers (for a cross-validation folder) measures out of fold what each inference lever
+adds: calibration, the largest component, flip TTA, and with --ensemble_with CV2 (the
+same folds trained again, e.g. with another seed) a two-run ensemble per fold.
+
 --folder PATH scores a labelled folder instead: PATH/images/NAME.ext with
 PATH/masks/NAME_mask.ext, or Kaggle's flat NAME.tif with NAME_mask.tif. A frame or
 mask that cannot be read is named, skipped and listed in metrics.json ("skipped");
@@ -30,10 +34,13 @@ the rest are scored and the exit status is 1.
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import sys
 from typing import Any, Sequence
 
-from nerveseg_jax import cli, scoring
+from nerveseg_jax import cli, crossval, scoring
+from nerveseg_jax import workdir as workdir_lib
 
 SPLITS = scoring.SPLITS
 run = scoring.run  # the library call behind this face (also sweep --evaluate's)
@@ -89,12 +96,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       "calibrated and saved to CLASSIFIER_WORKDIR/calibration.json")
   p.add_argument("--no_calibrate", action="store_true",
                  help="on the validation split, score the saved calibration instead")
+  p.add_argument("--levers", action="store_true",
+                 help="for a cross-validation folder: measure out of fold what calibration, "
+                      "the largest component, flip TTA (and with --ensemble_with, a second "
+                      "run per fold) add; writes WORKDIR/eval/levers.md and levers.json")
+  p.add_argument("--ensemble_with", default=None,
+                 help="with --levers: a CV folder of the same folds (e.g. another seed)")
   return cli.parse(p, argv)
+
+
+def _levers(args: argparse.Namespace) -> int:
+  if not args.levers:
+    raise ValueError("--ensemble_with needs --levers")
+  if not crossval.is_cv_dir(args.workdir):
+    raise ValueError(f"--levers: --workdir {args.workdir} is not a cross-validation folder "
+                     "(nerveseg-sweep --folds)")
+  levers = crossval.inference_levers(args.workdir, args.ensemble_with, args.batch_size)
+  table = crossval.render_levers(levers, f"# Inference levers, out of fold: {args.workdir}")
+  out_dir = pathlib.Path(args.workdir).expanduser() / "eval"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  workdir_lib.write_text_atomic(out_dir / "levers.json", json.dumps(levers, indent=2) + "\n")
+  workdir_lib.write_text_atomic(out_dir / "levers.md", table)
+  print(table)
+  print(f"wrote {out_dir}/levers.md and levers.json")
+  return 0
 
 
 @cli.command
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  if args.levers or args.ensemble_with:
+    return _levers(args)
   out = run(args.workdir, config=args.config, split=args.split, folder=args.folder,
             tta=args.tta, batch_size=args.batch_size, which=args.which,
             calibrate_split=not args.no_calibrate,

@@ -169,3 +169,26 @@ def test_bad_folds_are_one_line_errors(capsys):
   assert "--fold_ids needs --folds" in capsys.readouterr().err
   assert sweep.main(["--config", "unet:smoke"]) != 0
   assert "--folds K" in capsys.readouterr().err
+
+
+def test_inference_levers_out_of_fold(cv_dir, capsys):
+  # The same folds as their own partner: the ensemble of a run with itself is the run.
+  levers = crossval.inference_levers(cv_dir, partner=cv_dir, batch_size=2)
+  rows = {r["setting"]: r for r in levers["rows"]}
+  assert list(rows) == ["uncalibrated", "calibrated, no largest component", "calibrated",
+                        "calibrated + flip TTA", "calibrated + 2-run ensemble",
+                        "calibrated + 2-run ensemble + flip TTA"]
+  assert rows["uncalibrated"]["calibration"] == postprocess.Calibration().to_dict()
+  assert not rows["calibrated, no largest component"]["calibration"]["largest_component"]
+  cv = crossval.read(cv_dir)
+  assert rows["uncalibrated"]["kaggle_score"] == pytest.approx(
+      cv["out_of_fold"]["default"]["kaggle_score"])
+  assert rows["calibrated"]["kaggle_score"] == pytest.approx(
+      cv["out_of_fold"]["calibrated"]["kaggle_score"])
+  assert rows["calibrated + 2-run ensemble"]["kaggle_score"] == pytest.approx(
+      rows["calibrated"]["kaggle_score"], abs=1e-6)
+  assert evaluate.main(["--workdir", str(cv_dir), "--levers", "--batch_size", "2"]) == 0
+  assert "calibrated + flip TTA" in capsys.readouterr().out
+  assert (cv_dir / "eval" / "levers.md").exists()
+  assert evaluate.main(["--workdir", str(cv_dir / "fold_0"), "--levers"]) != 0
+  assert "not a cross-validation folder" in capsys.readouterr().err
