@@ -18,6 +18,15 @@ import time
 from typing import Any, Mapping
 
 import numpy as np
+from PIL import Image
+# The tensorboard package's own protos and summary helpers: none of them imports TensorFlow.
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.plugins.hparams import summary_v2 as hparams_summary
+from tensorboard.plugins.image import metadata as image_metadata
+from tensorboard.plugins.scalar import summary_v2 as scalar_summary
+from tensorboard.plugins.text import summary_v2 as text_summary
+from tensorboard.summary.writer import record_writer
+from tensorboard.util import tensor_util
 
 from nerveseg_jax import imageio, postprocess
 
@@ -42,45 +51,34 @@ class EventWriter:
     self._records = None
     if not enabled:
       return
-    from tensorboard.summary.writer import record_writer  # pylint: disable=g-import-not-at-top
     logdir = pathlib.Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
             f"{os.getpid()}.{next(_WRITER_IDS)}.v2")
     self._records = record_writer.RecordWriter(open(logdir / name, "wb"))
-    self._write(None, file_version="brain.Event:2")
+    self._write(file_version="brain.Event:2")
 
-  def _write(self, step: int | None, summary=None, **fields) -> None:
-    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
-    event = event_pb2.Event(wall_time=time.time(), summary=summary, **fields)
-    if step is not None:
-      event.step = int(step)
-    self._records.write(event.SerializeToString())
+  def _write(self, **fields) -> None:
+    self._records.write(event_pb2.Event(wall_time=time.time(), **fields).SerializeToString())
     self._records.flush()
 
   def _add(self, step: int, values: list) -> None:
     """values: one-value Summary protos, written as one event."""
-    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
     summary = summary_pb2.Summary()
     for one in values:
       summary.value.extend(one.value)
-    self._write(step, summary)
+    self._write(step=int(step), summary=summary)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     log.debug("[%d] %s", step, ", ".join(f"{k}={v}" for k, v in sorted(scalars.items())))
     if self._records is None or not scalars:
       return
-    from tensorboard.plugins.scalar import summary_v2 as scalar  # pylint: disable=g-import-not-at-top
-    self._add(step, [scalar.scalar_pb(k, float(v)) for k, v in scalars.items()])
+    self._add(step, [scalar_summary.scalar_pb(k, float(v)) for k, v in scalars.items()])
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     """Each value one uint8 (H, W, C) image, C in 1, 3, 4."""
     if self._records is None or not images:
       return
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
-    from tensorboard.plugins.image import metadata  # pylint: disable=g-import-not-at-top
-    from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
     values = []
     for tag, image in images.items():
       image = np.asarray(image, np.uint8)
@@ -91,7 +89,7 @@ class EventWriter:
           np.array([str(image.shape[1]).encode(), str(image.shape[0]).encode(),
                     png.getvalue()], dtype=object))
       one = summary_pb2.Summary()
-      one.value.add(tag=tag, tensor=tensor, metadata=metadata.create_summary_metadata(
+      one.value.add(tag=tag, tensor=tensor, metadata=image_metadata.create_summary_metadata(
           display_name=None, description=None))
       values.append(one)
     self._add(step, values)
@@ -99,14 +97,12 @@ class EventWriter:
   def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
     if self._records is None or not texts:
       return
-    from tensorboard.plugins.text import summary_v2 as text  # pylint: disable=g-import-not-at-top
-    self._add(step, [text.text_pb(k, str(v)) for k, v in texts.items()])
+    self._add(step, [text_summary.text_pb(k, str(v)) for k, v in texts.items()])
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     if self._records is None:
       return
-    from tensorboard.plugins.hparams import summary_v2 as hp  # pylint: disable=g-import-not-at-top
-    self._add(0, [hp.hparams_pb(dict(hparams))])
+    self._add(0, [hparams_summary.hparams_pb(dict(hparams))])
 
   def flush(self) -> None:
     if self._records is not None:
