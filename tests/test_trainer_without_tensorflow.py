@@ -40,11 +40,13 @@ def _config(data_dir):
   return c
 
 
-@pytest.fixture()
-def built(tmp_path):
-  """A smoke set generated, built and cached once, through TFDS (this process)."""
-  data_arrays.load_arrays(_config(tmp_path / "data").data, "train")
-  return tmp_path / "data"
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  """A smoke set generated, built and cached once, through TFDS (this process). A test
+  that changes it leaves it built and cached again."""
+  data_dir = tmp_path_factory.mktemp("no_tf") / "data"
+  data_arrays.load_arrays(_config(data_dir).data, "train")
+  return data_dir
 
 
 def _events(workdir) -> dict[str, list[int]]:

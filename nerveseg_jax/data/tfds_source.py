@@ -380,8 +380,8 @@ def ready_build(data_cfg: ml_collections.ConfigDict) -> ReadyBuild | None:
   key = synthetic_key(data_cfg)
   raw = _expand(data_cfg.manual_dir) if data_cfg.manual_dir else data_dir / "synthetic_raw" / key
   build_dir = data_dir / "synthetic" / key
-  with _locked(data_dir, "ultrasound_nerve_synthetic"):  # not while build() swaps it
-    try:
+  try:
+    with _locked(data_dir, "ultrasound_nerve_synthetic"):  # not while build() swaps it
       note = json.loads((build_dir / _READY_NOTE).read_text())
       if note["builder"] != _builder_digest():
         return None
@@ -392,5 +392,5 @@ def ready_build(data_cfg: ml_collections.ConfigDict) -> ReadyBuild | None:
       if not (built / "dataset_info.json").is_file():
         return None
       return ReadyBuild(built, str(note["source_fingerprint"]))
-    except (OSError, ValueError, KeyError, TypeError):
-      return None
+  except (OSError, ValueError, KeyError, TypeError):  # no note, or not one of ours
+    return None
