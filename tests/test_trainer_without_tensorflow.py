@@ -49,14 +49,23 @@ def built(tmp_path_factory):
   return data_dir
 
 
-def _events(workdir) -> dict[str, list[int]]:
+def _events(workdir) -> tuple[dict[str, list[int]], dict[str, object]]:
+  """(tag -> steps written, tag -> last value) over the workdir's event files, read
+  back with TensorFlow's own reader: texts as str, images decoded from their PNG."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tags = collections.defaultdict(list)
+  steps, last = collections.defaultdict(list), {}
   for path in sorted(workdir.glob("events.out.tfevents.*")):
     for event in tf.compat.v1.train.summary_iterator(str(path)):
       for value in event.summary.value:
-        tags[value.tag].append(int(event.step))
-  return tags
+        steps[value.tag].append(int(event.step))
+        plugin = value.metadata.plugin_data.plugin_name
+        if plugin == "text":
+          last[value.tag] = tf.make_ndarray(value.tensor).reshape(-1)[0].decode()
+        elif plugin == "images":  # tf.summary.image's [width, height, png]
+          last[value.tag] = tf.io.decode_png(tf.make_ndarray(value.tensor)[2]).numpy()
+        elif plugin == "scalars":
+          last[value.tag] = float(tf.make_ndarray(value.tensor))
+  return steps, last
 
 
 def test_smoke_training_on_a_built_synthetic_set_imports_no_tensorflow(built, tmp_path):
@@ -66,16 +75,21 @@ def test_smoke_training_on_a_built_synthetic_set_imports_no_tensorflow(built, tm
        "--workdir", str(workdir), f"--config.data.data_dir={built}",
        "--config.data.synthetic_frames=6", f"--config.data.image_size={SIZE}",
        "--config.num_train_steps=2", "--config.log_every_steps=1",
-       "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2"],
+       "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
+       "--config.data.augment.enabled=False"],
       cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ))
   assert res.returncode == 0, res.stderr[-3000:]
   imported = json.loads(res.stdout.split("IMPORTED ")[1])
   assert imported == {"tensorflow": False, "tensorflow_datasets": False}
   # What TensorBoard shows is all there: curves, validation, panel, hparams, compile text.
-  tags = _events(workdir)
-  assert tags["train/loss"] == [1, 2] and tags["val/kaggle_score"] == [2]
-  assert any(t.startswith("val_frames/") for t in tags)
-  assert "_hparams_/session_start_info" in tags and "compile/train_step" in tags
+  steps, last = _events(workdir)
+  assert steps["train/loss"] == [1, 2] and steps["val/kaggle_score"] == [2]
+  assert np.isfinite(last["train/loss"])
+  panel = [t for t in steps if t.startswith("val_frames/")]
+  assert panel and steps[panel[0]] == [2]
+  assert last[panel[0]].dtype == np.uint8 and last[panel[0]].shape[-1] == 3
+  assert last["compile/train_step"].startswith("compiled train_step in ")
+  assert "_hparams_/session_start_info" in steps
   assert len(list(workdir.glob("events.out.tfevents.*"))) == 1
 
 
