@@ -333,8 +333,10 @@ def _builder_digest() -> str:
   """The builder module's source: another builder (a new VERSION, other parsing) never
   reuses a note taken under the old one. Found without importing it (it imports TFDS)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  origin = importlib.util.find_spec(_BUILDER_MODULE).origin
-  return hashlib.sha256(pathlib.Path(origin).read_bytes()).hexdigest()
+  spec = importlib.util.find_spec(_BUILDER_MODULE)
+  if spec is None or not spec.origin:
+    raise ImportError(f"{_BUILDER_MODULE} is not installed")
+  return hashlib.sha256(pathlib.Path(spec.origin).read_bytes()).hexdigest()
 
 
 def _note_ready(build_dir, listing: str | None, builder, und) -> None:
@@ -377,9 +379,7 @@ def ready_build(data_cfg: ml_collections.ConfigDict) -> ReadyBuild | None:
   data_dir = _data_dir(data_cfg)
   if "://" in str(data_dir):
     return None
-  key = synthetic_key(data_cfg)
-  raw = _expand(data_cfg.manual_dir) if data_cfg.manual_dir else data_dir / "synthetic_raw" / key
-  build_dir = data_dir / "synthetic" / key
+  raw, build_dir = raw_tree(data_cfg), data_dir / "synthetic" / synthetic_key(data_cfg)
   try:
     with _locked(data_dir, "ultrasound_nerve_synthetic"):  # not while build() swaps it
       note = json.loads((build_dir / _READY_NOTE).read_text())
@@ -392,5 +392,5 @@ def ready_build(data_cfg: ml_collections.ConfigDict) -> ReadyBuild | None:
       if not (built / "dataset_info.json").is_file():
         return None
       return ReadyBuild(built, str(note["source_fingerprint"]))
-  except (OSError, ValueError, KeyError, TypeError):  # no note, or not one of ours
+  except (OSError, ImportError, ValueError, KeyError, TypeError):  # no note, or not ours
     return None
