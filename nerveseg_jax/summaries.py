@@ -1,5 +1,5 @@
-"""What a run writes to TensorBoard beyond scalars: its config as hparams, a panel of
-fixed validation frames at every evaluation, and `evaluate`'s metrics.
+"""What a run writes to TensorBoard: the event-file writer, the config as hparams, a
+panel of fixed validation frames at every evaluation, and `evaluate`'s metrics.
 
 Everything goes to the run's workdir, so `tensorboard --logdir runs` shows training,
 the frames and the evaluations of every run side by side.
@@ -7,13 +7,118 @@ the frames and the evaluations of every run side by side.
 
 from __future__ import annotations
 
+import io
+import itertools
+import logging
 import math
+import os
 import pathlib
+import socket
+import time
 from typing import Any, Mapping
 
 import numpy as np
+from PIL import Image
+# The tensorboard package's own protos and summary helpers: none of them imports TensorFlow.
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.plugins.hparams import summary_v2 as hparams_summary
+from tensorboard.plugins.image import metadata as image_metadata
+from tensorboard.plugins.scalar import summary_v2 as scalar_summary
+from tensorboard.plugins.text import summary_v2 as text_summary
+from tensorboard.summary.writer import record_writer
+from tensorboard.util import tensor_util
 
 from nerveseg_jax import imageio, postprocess
+
+log = logging.getLogger(__name__)
+
+_WRITER_IDS = itertools.count()  # one event file per writer, even within a second
+
+
+class EventWriter:
+  """Writes TensorBoard event files with the tensorboard package alone.
+
+  clu's default writer goes through tf.summary and so imports TensorFlow; this one
+  writes the same records (each plugin's summary tensor: float32 scalars, PNG images as
+  tf.summary.image lays them out, text, the hparams session) with tensorboard's
+  protos and record format, so training needs no TensorFlow. Every write is flushed:
+  writes come only at log and evaluation steps, and a killed run keeps its curves.
+
+  With enabled=False (processes other than 0) it writes no file and does nothing.
+  """
+
+  def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True):
+    self._records = None
+    if not enabled:
+      return
+    logdir = pathlib.Path(logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+            f"{os.getpid()}.{next(_WRITER_IDS)}.v2")
+    self._records = record_writer.RecordWriter(open(logdir / name, "wb"))
+    self._write(file_version="brain.Event:2")
+
+  def _write(self, **fields) -> None:
+    self._records.write(event_pb2.Event(wall_time=time.time(), **fields).SerializeToString())
+    self._records.flush()
+
+  def _add(self, step: int, values: list) -> None:
+    """values: one-value Summary protos, written as one event."""
+    summary = summary_pb2.Summary()
+    for one in values:
+      summary.value.extend(one.value)
+    self._write(step=int(step), summary=summary)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    log.debug("[%d] %s", step, ", ".join(f"{k}={v}" for k, v in sorted(scalars.items())))
+    if self._records is None or not scalars:
+      return
+    self._add(step, [scalar_summary.scalar_pb(k, float(v)) for k, v in scalars.items()])
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """Each value one uint8 (H, W, C) image, C in 1, 3, 4."""
+    if self._records is None or not images:
+      return
+    values = []
+    for tag, image in images.items():
+      image = np.asarray(image, np.uint8)
+      png = io.BytesIO()
+      Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(png, "PNG")
+      # tf.summary.image's tensor: [width, height, png...] as strings.
+      tensor = tensor_util.make_tensor_proto(
+          np.array([str(image.shape[1]).encode(), str(image.shape[0]).encode(),
+                    png.getvalue()], dtype=object))
+      one = summary_pb2.Summary()
+      one.value.add(tag=tag, tensor=tensor, metadata=image_metadata.create_summary_metadata(
+          display_name=None, description=None))
+      values.append(one)
+    self._add(step, values)
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    if self._records is None or not texts:
+      return
+    self._add(step, [text_summary.text_pb(k, str(v)) for k, v in texts.items()])
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    if self._records is None:
+      return
+    self._add(0, [hparams_summary.hparams_pb(dict(hparams))])
+
+  def flush(self) -> None:
+    if self._records is not None:
+      self._records.flush()
+
+  def close(self) -> None:
+    if self._records is not None:
+      self._records.close()
+      self._records = None
+
+  def __enter__(self) -> "EventWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
 
 # Frames in the validation panel: enough to see a trend, few enough to stay cheap.
 PANEL_FRAMES = 4
@@ -151,9 +256,5 @@ def evaluation_scalars(out: Mapping[str, Any]) -> dict[str, float]:
 
 def write_evaluation(workdir: str | pathlib.Path, out: Mapping[str, Any]) -> None:
   """Writes evaluate's metrics into the run's TensorBoard at the checkpoint's step."""
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  writer = metric_writers.create_default_writer(str(workdir), asynchronous=False)
-  try:
+  with EventWriter(workdir) as writer:
     writer.write_scalars(int(out["checkpoint_step"]), evaluation_scalars(out))
-  finally:
-    writer.close()

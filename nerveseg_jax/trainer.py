@@ -201,7 +201,6 @@ def check_health(health, checkpointer, step: int) -> None:
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from nerveseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed()
   mesh = sharding.make_mesh(config.mesh)
@@ -233,12 +232,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str,
   train_arrays = pipeline.load_arrays(config.data, "train")
   val_arrays = pipeline.load_arrays(config.data, "val") if int(config.data.fold) >= 0 else None
   _log_header(config, workdir, mesh, train_arrays, val_arrays, start)
+  writer = None
   try:
     s = train_state.setup(config, mesh, checkpointer)
     state = s.state
     start = s.start_step  # Orbax's view of the latest step (the same committed step)
-    writer = metric_writers.create_default_writer(str(workdir),
-                                                  just_logging=jax.process_index() > 0)
+    writer = summaries.EventWriter(workdir, enabled=jax.process_index() == 0)
     summaries.write_hparams(writer, config)
     panel = (summaries.ValidationPanel(config, s.parts, val_arrays, mesh)
              if val_arrays is not None and not classifier else None)
@@ -262,7 +261,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str,
     history: list[dict[str, float]] = []  # train metrics at each log step (the loss curve)
     progress = _Progress(start, num_steps, int(config.batch_size))
     train_metrics, val_values, step, preempted = None, {}, start, False
-    with _Preemption() as preemption, metric_writers.ensure_flushes(writer):
+    with _Preemption() as preemption:
       while step < num_steps:
         batch = batch if batch is not None else next(train_iter)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -309,6 +308,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str,
   finally:
     # Also on errors: lets a pending asynchronous save finish (it is of a good state).
     checkpointer.close()
+    if writer is not None:
+      writer.close()
   final.update({"step": step, "preempted": preempted, "history": history})
   if os.environ.get("NERVESEG_PARAMS_DIGEST"):  # replicas' agreement, for tests
     final["params_sha256"] = params_digest(state["params"])

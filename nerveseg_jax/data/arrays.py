@@ -7,6 +7,10 @@
   cached_split(builder, ...)     the cache itself, per (split, size, process, dataset
                                  fingerprint: a rebuilt source never meets an old cache)
 
+For data.source=synthetic, a run whose build and cache already exist reads the cache
+without importing TensorFlow or TFDS (tfds_source.ready_build vouches for the build,
+and the cache key is the same), so training on it needs neither installed.
+
 Why resize once: the set is small at network size (the Kaggle train set is ~130 MB at
 128x176), so it is held in host memory and a training batch is a gather of rows
 (nerveseg_jax.data.pipeline).
@@ -36,6 +40,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "all", "test")
 _CACHE_VERSION = 1        # bump when the cached arrays' meaning changes
 _RESIZE_CHUNK = 64        # frames per jitted resize call (fixed: one compilation)
+_CACHE_DIR = "nerveseg_cache"  # in the build's TFDS data folder
 
 
 @dataclasses.dataclass
@@ -106,10 +111,21 @@ def _dataset_fingerprint(builder) -> str:
   and dataset_info.json (split sizes, version)."""
   from nerveseg_jax.datasets.ultrasound_nerve import ultrasound_nerve_dataset_builder as und  # pylint: disable=g-import-not-at-top
   info = pathlib.Path(builder.data_dir) / "dataset_info.json"
+  return _fingerprint_of(und.recorded_fingerprint(builder),
+                         info.read_bytes() if info.exists() else str(builder.info.splits).encode())
+
+
+def _fingerprint_of(source_fingerprint: str, dataset_info: bytes) -> str:
   h = hashlib.blake2b(digest_size=8)
-  h.update(und.recorded_fingerprint(builder).encode())
-  h.update(info.read_bytes() if info.exists() else str(builder.info.splits).encode())
+  h.update(source_fingerprint.encode())
+  h.update(dataset_info)
   return h.hexdigest()
+
+
+def _cache_key(tfds_split: str, size: tuple[int, int], dataset_fingerprint: str) -> str:
+  index, count = _process()
+  return (f"{tfds_split}_{size[0]}x{size[1]}_p{index}of{count}"
+          f"_{dataset_fingerprint}_v{_CACHE_VERSION}")
 
 
 def _check_processes_agree(builder, data_cfg) -> None:
@@ -119,7 +135,13 @@ def _check_processes_agree(builder, data_cfg) -> None:
   if jax.process_count() == 1:
     return
   from nerveseg_jax.datasets.ultrasound_nerve import ultrasound_nerve_dataset_builder as und  # pylint: disable=g-import-not-at-top
-  digest = hashlib.sha256(und.recorded_fingerprint(builder).encode()).digest()
+  _check_fingerprints_agree(und.recorded_fingerprint(builder), data_cfg)
+
+
+def _check_fingerprints_agree(source_fingerprint: str, data_cfg) -> None:
+  if jax.process_count() == 1:
+    return
+  digest = hashlib.sha256(source_fingerprint.encode()).digest()
   every = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest, np.uint8)))
   every = every.reshape(-1, len(digest))
   if odd := [p for p in range(len(every)) if (every[p] != every[0]).any()]:
@@ -177,7 +199,7 @@ def _read_resized(builder, tfds_split, size: tuple[int, int]) -> Arrays:
 
 
 def _cache_root(builder) -> pathlib.Path:
-  return pathlib.Path(builder.data_dir) / "nerveseg_cache"
+  return pathlib.Path(builder.data_dir) / _CACHE_DIR
 
 
 def _save_cache(path: pathlib.Path, arrays: Arrays) -> None:
@@ -208,9 +230,7 @@ def cached_split(builder, tfds_split: str, size: tuple[int, int]) -> Arrays:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   index, count = _process()
-  key = (f"{tfds_split}_{size[0]}x{size[1]}_p{index}of{count}"
-         f"_{_dataset_fingerprint(builder)}_v{_CACHE_VERSION}")
-  path = _cache_root(builder) / key
+  path = _cache_root(builder) / _cache_key(tfds_split, size, _dataset_fingerprint(builder))
   if path.is_dir():
     return _load_cache(path)
   # Each process reads only its even share of the records.
@@ -224,6 +244,35 @@ def cached_split(builder, tfds_split: str, size: tuple[int, int]) -> Arrays:
   except OSError as e:  # e.g. a read-only shared data_dir: run on, uncached
     log.warning("could not write the resized cache %s (%s); continuing without", path, e)
   return arrays
+
+
+def _ready_cache(data_cfg, tfds_split: str, size: tuple[int, int]
+                 ) -> tuple[pathlib.Path, str] | None:
+  """(cache folder, recorded source fingerprint) when this process's resized cache of
+  a vouched-for build is on disk, found without TFDS; None to go through TFDS.
+
+  The key is cached_split's own, computed from the same recorded fingerprint and
+  dataset_info.json, so it is exactly the cache that path would read. The processes
+  agree first: all take this path or none does (the TFDS path has collectives)."""
+  from nerveseg_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+  if data_cfg.source != "synthetic":  # the same on every process: no need to agree
+    return None
+  found = None
+  ready = tfds_source.ready_build(data_cfg)
+  if ready is not None:
+    try:
+      info = (ready.data_dir / "dataset_info.json").read_bytes()
+      path = ready.data_dir / _CACHE_DIR / _cache_key(
+          tfds_split, size, _fingerprint_of(ready.source_fingerprint, info))
+      if all((path / f"{f.name}.npy").is_file() for f in dataclasses.fields(Arrays)):
+        found = (path, ready.source_fingerprint)
+    except OSError:
+      pass
+  if jax.process_count() > 1:
+    every = multihost_utils.process_allgather(np.array([found is not None], np.int32))
+    if not np.asarray(every).all():
+      return None
+  return found
 
 
 def _contradictory_rows(arrays: Arrays, cache_dir: pathlib.Path
@@ -280,18 +329,23 @@ def load_arrays(data_cfg: ml_collections.ConfigDict, split: str) -> Arrays:
   test: the Kaggle test split, unlabelled.
   """
   size, mode = _check_data_cfg(data_cfg, split)
-  from nerveseg_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-  builder = tfds_source.build(data_cfg)
-  _check_processes_agree(builder, data_cfg)
   tfds_split = "test" if split == "test" else "train"
-  if tfds_split not in builder.info.splits:
-    raise ValueError(f"data.source={data_cfg.source!r} has no {tfds_split!r} split "
-                     f"(it has {', '.join(builder.info.splits)})")
-  arrays = cached_split(builder, tfds_split, size)
+  if ready := _ready_cache(data_cfg, tfds_split, size):
+    path, source_fingerprint = ready
+    _check_fingerprints_agree(source_fingerprint, data_cfg)
+    arrays, cache_root = _load_cache(path), path.parent
+  else:
+    from nerveseg_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    builder = tfds_source.build(data_cfg)
+    _check_processes_agree(builder, data_cfg)
+    if tfds_split not in builder.info.splits:
+      raise ValueError(f"data.source={data_cfg.source!r} has no {tfds_split!r} split "
+                       f"(it has {', '.join(builder.info.splits)})")
+    arrays, cache_root = cached_split(builder, tfds_split, size), _cache_root(builder)
   if split == "test":
     return arrays
   arrays = arrays.take(np.flatnonzero(arrays.labeled))
-  arrays = apply_duplicates(arrays, mode, _cache_root(builder))
+  arrays = apply_duplicates(arrays, mode, cache_root)
   if split == "all":
     return arrays
   every = np.unique(np.concatenate(_allgather_rows(np.unique(arrays.subject))))

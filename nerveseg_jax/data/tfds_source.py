@@ -23,6 +23,12 @@ exclusive fcntl lock (<data_dir>/.locks/<name>.lock), so processes started toget
 one machine (a local multi-process run) build once and the others wait, then read. The
 lock is advisory and local: hosts that share a network file system should prepare
 once up front.
+
+Without TFDS: after a synthetic build is checked against its tree, build() leaves a
+note beside it (<data_dir>/synthetic/<key>/nerveseg_ready.json: the tree's listing as it
+was checked, the build's recorded fingerprint, the builder code's digest). ready_build()
+reads that note back without importing TensorFlow or TFDS, so a run whose tree, build and
+resized cache already exist (nerveseg_jax.data.arrays) trains on a host without them.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import ml_collections
 
@@ -69,8 +75,10 @@ def _expand(path: str):
 def _data_dir(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
   if data_cfg.data_dir:
     return _expand(data_cfg.data_dir)
-  from tensorflow_datasets.core import constants  # pylint: disable=g-import-not-at-top
-  return _expand(constants.get_default_data_dir())
+  # TFDS's own default (tensorflow_datasets.core.constants), written out so that
+  # ready_build() finds the data without importing TFDS.
+  return _expand(os.environ.get("TFDS_DATA_DIR",
+                                os.path.join(os.path.expanduser("~"), "tensorflow_datasets")))
 
 
 def _path_key(path: pathlib.Path) -> str:
@@ -271,7 +279,118 @@ def build(data_cfg: ml_collections.ConfigDict):
     elif source == "synthetic":
       key = synthetic_key(data_cfg)
       manual = _synthetic_tree(data_cfg, data_dir, key)
-      config, build_dir = "kaggle", data_dir / "synthetic" / key
+      build_dir = data_dir / "synthetic" / key
+      # Listed before _prepared checks the tree: a tree edited after this point no
+      # longer matches the note, so ready_build() sends the next run back here.
+      listing = _tree_listing(manual)
+      builder = _prepared(und, "kaggle", build_dir, manual, data_dir)
+      _note_ready(build_dir, listing, builder, und)
+      return builder
     else:
       raise ValueError(f"data.source={source!r}: expected kaggle, folder or synthetic")
     return _prepared(und, config, build_dir, manual, data_dir)
+
+
+# --------------------------------------------------------- a ready build, without TFDS
+
+_READY_NOTE = "nerveseg_ready.json"
+_BUILDER_MODULE = "nerveseg_jax.datasets.ultrasound_nerve.ultrasound_nerve_dataset_builder"
+_LISTING_DEPTH = 8  # folders below the tree root; deeper than the builder ever looks
+
+
+def _tree_listing(root) -> str | None:
+  """A digest of every file below root: path, size and modification time (what the
+  build's source fingerprint reads of a plain tree, and more: hidden files too).
+  None for a tree that cannot be vouched for this way: missing, empty, remote, or
+  holding a zip (a zip source is keyed on its content, which a listing does not see)."""
+  if "://" in str(root):
+    return None
+  rows: list[list] = []
+
+  def walk(folder: str, rel: str, depth: int) -> bool:
+    with os.scandir(folder) as it:
+      entries = sorted(it, key=lambda e: e.name)
+    for e in entries:
+      if e.is_dir():  # links followed, like the build's own walk
+        if depth < _LISTING_DEPTH and not walk(e.path, rel + e.name + "/", depth + 1):
+          return False
+        continue
+      if e.name.lower().endswith(".zip"):
+        return False
+      st = e.stat()  # follows links: a linked file stands for its target
+      rows.append([rel + e.name, st.st_size, st.st_mtime_ns])
+    return True
+
+  try:
+    if not walk(str(root), "", 0) or not rows:
+      return None
+  except OSError:
+    return None
+  return hashlib.sha256(json.dumps([str(root), rows]).encode()).hexdigest()
+
+
+def _builder_digest() -> str:
+  """The builder module's source: another builder (a new VERSION, other parsing) never
+  reuses a note taken under the old one. Found without importing it (it imports TFDS)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec(_BUILDER_MODULE)
+  if spec is None or not spec.origin:
+    raise ImportError(f"{_BUILDER_MODULE} is not installed")
+  return hashlib.sha256(pathlib.Path(spec.origin).read_bytes()).hexdigest()
+
+
+def _note_ready(build_dir, listing: str | None, builder, und) -> None:
+  """Records that `builder` was checked against the tree whose listing is `listing`."""
+  if listing is None or "://" in str(build_dir):
+    return
+  try:
+    built = pathlib.Path(builder.data_dir).relative_to(build_dir)
+  except ValueError:  # not below build_dir: nothing a later run could find
+    return
+  note = {"listing": listing, "builder": _builder_digest(),
+          "source_fingerprint": und.recorded_fingerprint(builder), "data_dir": str(built)}
+  path = pathlib.Path(build_dir) / _READY_NOTE
+  text = json.dumps(note, indent=1, sort_keys=True)
+  try:
+    if path.exists() and path.read_text() == text:
+      return
+    from nerveseg_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    workdir_lib.write_text_atomic(path, text)
+  except OSError as e:  # a read-only data_dir: later runs go through TFDS
+    log.warning("could not write %s (%s); later runs will check the data through TFDS",
+                path, e)
+
+
+class ReadyBuild(NamedTuple):
+  """A build that ready_build() vouched for."""
+  data_dir: pathlib.Path    # its TFDS data folder (dataset_info.json, nerveseg_cache/)
+  source_fingerprint: str   # what the build recorded (und.recorded_fingerprint)
+
+
+def ready_build(data_cfg: ml_collections.ConfigDict) -> ReadyBuild | None:
+  """The prepared build of a synthetic data_cfg, found without importing TensorFlow or
+  TFDS: its TFDS data folder and the source fingerprint it recorded. Only when the note
+  build() left matches the tree as it is now (same files, sizes, modification times)
+  and the same builder code, i.e. when build() would use the build as it is. None
+  otherwise (another source, nothing built yet, anything changed): then build() decides.
+  """
+  if data_cfg.source != "synthetic":
+    return None
+  data_dir = _data_dir(data_cfg)
+  if "://" in str(data_dir):
+    return None
+  raw, build_dir = raw_tree(data_cfg), data_dir / "synthetic" / synthetic_key(data_cfg)
+  try:
+    with _locked(data_dir, "ultrasound_nerve_synthetic"):  # not while build() swaps it
+      note = json.loads((build_dir / _READY_NOTE).read_text())
+      if note["builder"] != _builder_digest():
+        return None
+      listing = _tree_listing(raw)
+      if listing is None or note["listing"] != listing:
+        return None
+      built = build_dir / note["data_dir"]
+      if not (built / "dataset_info.json").is_file():
+        return None
+      return ReadyBuild(built, str(note["source_fingerprint"]))
+  except (OSError, ImportError, ValueError, KeyError, TypeError):  # no note, or not ours
+    return None
