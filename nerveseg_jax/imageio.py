@@ -154,13 +154,31 @@ def list_inputs(path: str | pathlib.Path) -> tuple[list[pathlib.Path], list[path
   return images, ignored
 
 
+def _bbox_slices(m: np.ndarray) -> tuple[slice, slice] | None:
+  """The bounding box of a boolean (H, W) array's True pixels as slices; None if none."""
+  rows = np.flatnonzero(m.any(axis=1))
+  if rows.size == 0:
+    return None
+  cols = np.flatnonzero(m.any(axis=0))
+  return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
 def outline(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
   """Boolean boundary pixels of a (H, W) mask: in the mask, within `thickness` steps
   (4-connected) of a non-mask pixel or the frame's edge."""
   m = np.asarray(mask) != 0
-  inner = ndimage.binary_erosion(m, structure=_CROSS, iterations=thickness, border_value=0)
+  out = np.zeros(m.shape, bool)
+  box = _bbox_slices(m)
+  if box is None:
+    return out
+  # Only the mask's bounding box can hold boundary pixels, and everything around it is
+  # background, which is what the erosion assumes beyond its input's edge (border 0):
+  # eroding the box alone gives the same pixels, at the cost of the nerve, not the frame.
+  sub = m[box]
+  inner = ndimage.binary_erosion(sub, structure=_CROSS, iterations=thickness, border_value=0)
   np.logical_not(inner, out=inner)
-  return np.logical_and(m, inner, out=inner)
+  np.logical_and(sub, inner, out=out[box])
+  return out
 
 
 def caption_band(rgb: np.ndarray, text: str) -> np.ndarray:
@@ -211,9 +229,12 @@ def overlay(image: np.ndarray, mask: np.ndarray | None = None,
     rgb[outline(truth, thickness)] = TRUTH_COLOR
   if mask is not None:
     m = np.asarray(mask) != 0
-    for channel, color in zip(np.moveaxis(rgb, -1, 0), PRED_COLOR):
-      # 0.75 * value + 0.25 * colour, rounded down: exact in integers.
-      channel[m] = (3 * channel[m].astype(np.uint16) + color) // 4
+    box = _bbox_slices(m)
+    if box is not None:  # tinted inside, within the mask's bounding box only
+      inside = m[box]
+      for channel, color in zip(np.moveaxis(rgb[box], -1, 0), PRED_COLOR):
+        # 0.75 * value + 0.25 * colour, rounded down: exact in integers.
+        channel[inside] = (3 * channel[inside].astype(np.uint16) + color) // 4
     rgb[outline(m, thickness)] = PRED_COLOR
   return caption_band(rgb, caption) if caption else rgb
 
