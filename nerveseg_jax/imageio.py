@@ -15,7 +15,9 @@ from __future__ import annotations
 import io
 import pathlib
 import re
+import struct
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
@@ -249,6 +251,37 @@ def png_bytes(array: np.ndarray, compress_level: int = 6) -> bytes:
   Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(
       buffer, format="PNG", compress_level=compress_level)
   return buffer.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+  return (struct.pack(">I", len(data)) + kind + data
+          + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind))))
+
+
+def png_bytes_fast(array: np.ndarray) -> bytes:
+  """A (H, W) or (H, W, 3) uint8 array as PNG bytes, written for speed, not size.
+
+  For images shown once and dropped (the web page's): every row unfiltered and zlib at
+  level 1. Pillow, even at level 1, picks each row's filter by trying all five, which
+  on a 420x580 frame costs as much as the compression; skipping it makes encoding
+  about 1.5-2x faster for 0-20 % more bytes. Any PNG decoder reads the same pixels.
+  zlib releases the GIL while it compresses, so other threads run meanwhile.
+  """
+  a = np.asarray(array)
+  if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 3)):
+    raise ValueError(f"png_bytes_fast expects (H, W) or (H, W, 3) uint8; got {a.dtype} "
+                     f"{a.shape}")
+  h, w = a.shape[:2]
+  if h < 1 or w < 1:
+    raise ValueError(f"png_bytes_fast: empty image {a.shape}")
+  rows = np.empty((h, 1 + w * (1 if a.ndim == 2 else 3)), np.uint8)
+  rows[:, 0] = 0                                   # filter type 0 (none) on every row
+  rows[:, 1:] = a.reshape(h, -1)
+  color_type = 0 if a.ndim == 2 else 2             # gray or RGB, 8 bits a sample
+  header = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
+  return b"".join((b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header),
+                   _png_chunk(b"IDAT", zlib.compress(rows.data, 1)),
+                   _png_chunk(b"IEND", b"")))
 
 
 def write_png(path: str | pathlib.Path, array: np.ndarray) -> None:

@@ -60,3 +60,32 @@ def test_overlay_tints_and_outlines_as_defined(shape):
     for truth in (None, masks[2]):
       got = imageio.overlay(gray, mask, truth)
       np.testing.assert_array_equal(got, _overlay_reference(gray, mask, truth, thickness))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (420, 580), (61, 77, 3), (420, 580, 3)])
+def test_png_bytes_fast_decodes_to_the_same_pixels(shape):
+  import io
+  from PIL import Image
+  rng = np.random.default_rng(2)
+  for array in (rng.integers(0, 256, shape, dtype=np.uint8), np.zeros(shape, np.uint8),
+                np.full(shape, 255, np.uint8)):
+    data = imageio.png_bytes_fast(array)
+    Image.open(io.BytesIO(data)).verify()   # signature, chunk CRCs
+    back = Image.open(io.BytesIO(data))
+    assert back.mode == ("L" if len(shape) == 2 else "RGB")
+    np.testing.assert_array_equal(np.asarray(back), array)
+    np.testing.assert_array_equal(imageio.decode_gray(data), array if len(shape) == 2
+                                  else np.asarray(back.convert("L")))
+
+
+def test_png_bytes_fast_takes_views_and_refuses_other_arrays():
+  import io
+  from PIL import Image
+  array = np.arange(200, dtype=np.uint8).reshape(10, 20)
+  view = array[::2, ::3]                     # not contiguous
+  np.testing.assert_array_equal(
+      np.asarray(Image.open(io.BytesIO(imageio.png_bytes_fast(view)))), view)
+  for bad in (np.zeros((4, 4), np.float32), np.zeros((4, 4, 4), np.uint8),
+              np.zeros((0, 4), np.uint8), np.zeros(4, np.uint8)):
+    with pytest.raises(ValueError, match="png_bytes_fast"):
+      imageio.png_bytes_fast(bad)
