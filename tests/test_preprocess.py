@@ -101,3 +101,18 @@ def test_resize_host_matches_resize_after_rounding_to_uint8():
   host = np.round(preprocess.resize_host(frame, (128, 176)))
   jitted = np.round(np.asarray(preprocess.resize(frame[..., None], (128, 176)))[..., 0])
   assert np.abs(host - jitted).max() <= 1 and np.mean(host != jitted) < 1e-3
+
+
+def test_resize_host_long_axes_are_not_cached():
+  """Odd frames (here 2 x 9000) are resized like any other, without their long axis's
+  taps being kept; the usual sizes are computed once and shared, read-only."""
+  preprocess._cached_resize_taps.cache_clear()
+  x = np.random.default_rng(4).integers(0, 256, (2, 9000), dtype=np.uint8)
+  np.testing.assert_allclose(preprocess.resize_host(x, (8, 12)),
+                             _dense_resize_reference(x, (8, 12)), atol=2e-6 * 255)
+  back = preprocess.resize_host(np.ones((8, 12), np.float32), (2, 9000))
+  np.testing.assert_allclose(back, 1.0, atol=1e-6)
+  assert preprocess._cached_resize_taps.cache_info().currsize == 2   # 2 -> 8 and 8 -> 2
+  index, weights = preprocess._resize_taps(580, 176)
+  assert preprocess._resize_taps(580, 176)[0] is index
+  assert not index.flags.writeable and not weights.flags.writeable

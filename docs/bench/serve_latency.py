@@ -4,7 +4,7 @@
 The default U-Net (configs/unet.py, 128x176 input) with random weights (speed does not
 depend on them) is saved as a run in a temporary folder. A 420x580 frame, the Kaggle
 size, is posted N times with images (the page's request): decode, resize to the
-network's input, network, resize back, post-processing, RLE and three PNGs. Prints p50
+network's input, network, resize back, post-processing, RLE and the PNGs. Prints p50
 and p95, in process (FastAPI TestClient) and over HTTP (the serve CLI on 127.0.0.1 in a
 subprocess, timed from this one), and the CPU it ran on (docs/serve.md). --stages adds
 the median of each stage of the same work, timed one by one in process, without HTTP.
@@ -182,7 +182,7 @@ def stages(workdir: pathlib.Path, data: bytes, n: int, batch_size: int) -> None:
     prob, presence = timed("network (jitted, batch incl. transfers)", network, small)
     prob = timed("resize back to the frame", inference._resize_prob, prob, frame.shape)  # pylint: disable=protected-access
     result = timed("post-processing", post, prob, presence)
-    timed("answer: RLE, 3 PNGs, JSON", lambda: webapp.JSONResponse(
+    timed("answer: RLE, PNGs, JSON", lambda: webapp.JSONResponse(
         webapp._payload(frame, result, "frame.png", True)))  # pylint: disable=protected-access
   total = sum(statistics.median(v) for v in times.values())
   print(f"stages, in process, medians of {n} (sum {total * 1e3:.1f} ms):")

@@ -79,18 +79,28 @@ def resize(images: Array, size: Sequence[int], *, is_mask: bool = False) -> jax.
   return out
 
 
-@functools.lru_cache(maxsize=64)
+# Axis lengths up to this have their taps cached (a few kB each); longer ones, only
+# from odd frames, are recomputed rather than held.
+_CACHED_AXIS = 8192
+
+
 def _resize_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
   """`resize`'s weights along one axis as a band: (n_out, K) source indices and
   (n_out, K) float32 weights, the nonzero run of each row of the (n_out, n_in) matrix.
 
   jax.image's triangle kernel, widened by the scale when shrinking, rows normalised to
-  sum to 1. Its support is at most 2 * max(n_in / n_out, 1) + 1 samples, so the band is
+  sum to 1. Its support is about 2 * max(n_in / n_out, 1) samples wide, so the band is
   that narrow whatever the frame's size, where the dense matrix has n_out * n_in
   entries, almost all zero, and multiplying by it costs n_in / K times the work.
   Taps past the frame's edge get index n_in - 1 and weight 0. Cached: a server sees the
   same few (frame size, model size) pairs again and again.
   """
+  if max(n_in, n_out) <= _CACHED_AXIS:
+    return _cached_resize_taps(n_in, n_out)
+  return _compute_resize_taps(n_in, n_out)
+
+
+def _compute_resize_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
   scale = n_out / n_in
   kernel_scale = max(1.0 / scale, 1.0)
   centres = (np.arange(n_out, dtype=np.float64) + 0.5) / scale - 0.5
@@ -101,10 +111,14 @@ def _resize_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
   x = np.abs(centres[:, None] - index) / kernel_scale
   weights = np.where(index <= last[:, None], np.maximum(0.0, 1.0 - x), 0.0)
   weights /= weights.sum(axis=1, keepdims=True)
-  index = np.minimum(index, n_in - 1)
+  index = np.minimum(index, n_in - 1).astype(np.intp)
+  weights = weights.astype(np.float32)
   for a in (index, weights):
     a.flags.writeable = False  # shared by every caller through the cache
-  return index, weights.astype(np.float32)
+  return index, weights
+
+
+_cached_resize_taps = functools.lru_cache(maxsize=64)(_compute_resize_taps)
 
 
 def resize_host(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
