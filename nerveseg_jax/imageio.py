@@ -175,7 +175,8 @@ def outline(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
     return out
   # Only the mask's bounding box can hold boundary pixels, and everything around it is
   # background, which is what the erosion assumes beyond its input's edge (border 0):
-  # eroding the box alone gives the same pixels, at the cost of the nerve, not the frame.
+  # eroding the box alone gives the same pixels, at a cost that follows the mask, not the
+  # frame.
   sub = m[box]
   inner = ndimage.binary_erosion(sub, structure=_CROSS, iterations=thickness, border_value=0)
   np.logical_not(inner, out=inner)
