@@ -15,7 +15,9 @@ from __future__ import annotations
 import io
 import pathlib
 import re
+import struct
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
@@ -154,13 +156,32 @@ def list_inputs(path: str | pathlib.Path) -> tuple[list[pathlib.Path], list[path
   return images, ignored
 
 
+def _bbox_slices(m: np.ndarray) -> tuple[slice, slice] | None:
+  """The bounding box of a boolean (H, W) array's True pixels as slices; None if none."""
+  rows = np.flatnonzero(m.any(axis=1))
+  if rows.size == 0:
+    return None
+  cols = np.flatnonzero(m.any(axis=0))
+  return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
 def outline(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
   """Boolean boundary pixels of a (H, W) mask: in the mask, within `thickness` steps
   (4-connected) of a non-mask pixel or the frame's edge."""
   m = np.asarray(mask) != 0
-  inner = ndimage.binary_erosion(m, structure=_CROSS, iterations=thickness, border_value=0)
+  out = np.zeros(m.shape, bool)
+  box = _bbox_slices(m)
+  if box is None:
+    return out
+  # Only the mask's bounding box can hold boundary pixels, and everything around it is
+  # background, which is what the erosion assumes beyond its input's edge (border 0):
+  # eroding the box alone gives the same pixels, at a cost that follows the mask, not the
+  # frame.
+  sub = m[box]
+  inner = ndimage.binary_erosion(sub, structure=_CROSS, iterations=thickness, border_value=0)
   np.logical_not(inner, out=inner)
-  return np.logical_and(m, inner, out=inner)
+  np.logical_and(sub, inner, out=out[box])
+  return out
 
 
 def caption_band(rgb: np.ndarray, text: str) -> np.ndarray:
@@ -211,9 +232,12 @@ def overlay(image: np.ndarray, mask: np.ndarray | None = None,
     rgb[outline(truth, thickness)] = TRUTH_COLOR
   if mask is not None:
     m = np.asarray(mask) != 0
-    for channel, color in zip(np.moveaxis(rgb, -1, 0), PRED_COLOR):
-      # 0.75 * value + 0.25 * colour, rounded down: exact in integers.
-      channel[m] = (3 * channel[m].astype(np.uint16) + color) // 4
+    box = _bbox_slices(m)
+    if box is not None:  # tinted inside, within the mask's bounding box only
+      inside = m[box]
+      for channel, color in zip(np.moveaxis(rgb[box], -1, 0), PRED_COLOR):
+        # 0.75 * value + 0.25 * colour, rounded down: exact in integers.
+        channel[inside] = (3 * channel[inside].astype(np.uint16) + color) // 4
     rgb[outline(m, thickness)] = PRED_COLOR
   return caption_band(rgb, caption) if caption else rgb
 
@@ -228,6 +252,37 @@ def png_bytes(array: np.ndarray, compress_level: int = 6) -> bytes:
   Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(
       buffer, format="PNG", compress_level=compress_level)
   return buffer.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+  return (struct.pack(">I", len(data)) + kind + data
+          + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind))))
+
+
+def png_bytes_fast(array: np.ndarray) -> bytes:
+  """A (H, W) or (H, W, 3) uint8 array as PNG bytes, written for speed, not size.
+
+  For images shown once and dropped (the web page's): every row unfiltered and zlib at
+  level 1. Pillow, even at level 1, picks each row's filter by trying all five, which
+  on a 420x580 frame costs as much as the compression; skipping it makes encoding
+  about 1.5-2x faster for 0-20 % more bytes. Any PNG decoder reads the same pixels.
+  zlib releases the GIL while it compresses, so other threads run meanwhile.
+  """
+  a = np.asarray(array)
+  if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 3)):
+    raise ValueError(f"png_bytes_fast expects (H, W) or (H, W, 3) uint8; got {a.dtype} "
+                     f"{a.shape}")
+  h, w = a.shape[:2]
+  if h < 1 or w < 1:
+    raise ValueError(f"png_bytes_fast: empty image {a.shape}")
+  rows = np.empty((h, 1 + w * (1 if a.ndim == 2 else 3)), np.uint8)
+  rows[:, 0] = 0                                   # filter type 0 (none) on every row
+  rows[:, 1:] = a.reshape(h, -1)
+  color_type = 0 if a.ndim == 2 else 2             # gray or RGB, 8 bits a sample
+  header = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
+  return b"".join((b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header),
+                   _png_chunk(b"IDAT", zlib.compress(rows.data, 1)),
+                   _png_chunk(b"IEND", b"")))
 
 
 def write_png(path: str | pathlib.Path, array: np.ndarray) -> None:

@@ -60,7 +60,7 @@ _CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
         "frame-ancestors 'none'")
 
 
-# The peak memory of one request, from decode to the JSON answer with its three PNGs,
+# The peak memory of one request, from decode to the JSON answer with its PNGs,
 # measured on a server's RSS (docs/serve.md): about 20 bytes a pixel for an
 # incompressible frame, the worst case, 10 for a blank one, plus a fixed part. Rounded up.
 PEAK_BYTES_PER_PIXEL = 24
@@ -337,13 +337,19 @@ def _decode(data: bytes, filename: str, limits: Limits) -> np.ndarray:
 
 
 def _b64png(array: np.ndarray) -> str:
-  # Fast compression: these are shown once on the page, not stored.
-  return base64.b64encode(imageio.png_bytes(array, compress_level=1)).decode("ascii")
+  # Encoded for speed (no row filters, zlib level 1): shown once on the page, not stored.
+  return base64.b64encode(imageio.png_bytes_fast(array)).decode("ascii")
 
 
 def _payload(frame: np.ndarray, result: inference.FramePrediction, filename: str,
-             with_images: bool) -> dict[str, Any]:
-  """The API's JSON for one frame: inference's fields, plus PNGs for the page."""
+             with_images: bool, with_overlay: bool = False) -> dict[str, Any]:
+  """The API's JSON for one frame: inference's fields, plus PNGs for the page.
+
+  The page draws the overlay itself from the frame and the mask (static/app.js, the
+  same arithmetic as imageio.overlay): an RGB overlay is the largest image to compose
+  and encode, about half the answer's cost, and it only repeats what the other two
+  hold. API clients that want it ask with `with_overlay`.
+  """
   out = result.to_json()
   out.update(filename=filename, nerve_found=bool(result.decision),
              presence_percent=round(100.0 * float(result.presence), 1),
@@ -351,8 +357,9 @@ def _payload(frame: np.ndarray, result: inference.FramePrediction, filename: str
   if with_images:
     out["images"] = dict(
         original=_b64png(frame),  # browsers cannot show TIFF; this is the frame as read
-        overlay=_b64png(imageio.overlay(frame, result.mask)),
         mask=_b64png(imageio.mask_png(result.mask)))
+    if with_overlay:
+      out["images"]["overlay"] = _b64png(imageio.overlay(frame, result.mask))
   return out
 
 
@@ -468,8 +475,9 @@ def create_app(load: Callable[[], inference.Predictor] | inference.Predictor,
     return body
 
   @app.post("/api/segment")
-  async def segment(request: Request, images: bool = True):
-    """One frame in (multipart field `file`), its result out. `?images=false` skips PNGs."""
+  async def segment(request: Request, images: bool = True, overlay: bool = False):
+    """One frame in (multipart field `file`), its result out. `?images=false` skips the
+    PNGs; `?overlay=true` adds the outline drawn over the frame to them."""
     worker.check_ready()  # answer before reading a body we cannot use yet
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
@@ -493,7 +501,7 @@ def create_app(load: Callable[[], inference.Predictor] | inference.Predictor,
         result = await asyncio.wrap_future(worker.submit(frame, name))
         # Rendered to JSON here, off the event loop and still inside the gate.
         return await run_in_threadpool(
-            lambda: JSONResponse(_payload(frame, result, filename, images)))
+            lambda: JSONResponse(_payload(frame, result, filename, images, overlay)))
     finally:
       await form.close()
 

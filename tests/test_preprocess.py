@@ -53,3 +53,66 @@ def test_bad_size_is_named(size):
     preprocess.check_size(size, "data.image_size")
   with pytest.raises(ValueError, match="size"):
     preprocess.resize(np.zeros((4, 4, 1)), size)
+
+
+def _dense_resize_reference(image: np.ndarray, size) -> np.ndarray:
+  """resize_host as two products with the full (n_out, n_in) weight matrices: the
+  straightforward form of the same weights, kept here to check the banded one."""
+  def weights(n_in, n_out):
+    scale = n_out / n_in
+    kernel_scale = max(1.0 / scale, 1.0)
+    centres = (np.arange(n_out, dtype=np.float64) + 0.5) / scale - 0.5
+    x = np.abs(centres[:, None] - np.arange(n_in, dtype=np.float64)[None, :]) / kernel_scale
+    w = np.maximum(0.0, 1.0 - x)
+    return w / w.sum(axis=1, keepdims=True)
+  x = np.asarray(image, np.float64)
+  return weights(x.shape[0], size[0]) @ x @ weights(x.shape[1], size[1]).T
+
+
+@pytest.mark.parametrize("src,dst", [
+    ((420, 580), (128, 176)), ((128, 176), (420, 580)),   # the server's two resizes
+    ((420, 580), (96, 96)), ((97, 131), (64, 96)), ((64, 96), (97, 131)),
+    ((1100, 700), (128, 128)), ((5, 3), (64, 96)), ((64, 96), (5, 3)),
+    ((1, 40), (7, 9)), ((300, 2), (128, 176)), ((130, 180), (128, 176))])
+def test_resize_host_is_the_dense_resize(src, dst):
+  rng = np.random.default_rng(sum(src) + sum(dst))
+  frame = rng.integers(0, 256, src, dtype=np.uint8)
+  prob = rng.random(src, dtype=np.float32)
+  for x, scale in ((frame, 255.0), (prob, 1.0)):
+    got = preprocess.resize_host(x, dst)
+    assert got.shape == dst and got.dtype == np.float32
+    np.testing.assert_allclose(got, _dense_resize_reference(x, dst), rtol=0,
+                               atol=2e-6 * scale)
+
+
+def test_resize_host_same_size_is_a_float_copy():
+  x = np.arange(12, dtype=np.uint8).reshape(3, 4)
+  out = preprocess.resize_host(x, (3, 4))
+  assert out.dtype == np.float32
+  np.testing.assert_array_equal(out, x)
+
+
+def test_resize_host_matches_resize_after_rounding_to_uint8():
+  """The uint8 frame the server feeds the network is the one the jitted resize makes,
+  up to the rare pixel whose value lands on a rounding boundary."""
+  rng = np.random.default_rng(1)
+  noise = rng.normal(100, 40, (105, 145))
+  frame = np.clip(np.kron(noise, np.ones((4, 4))), 0, 255).astype(np.uint8)  # 420x580
+  host = np.round(preprocess.resize_host(frame, (128, 176)))
+  jitted = np.round(np.asarray(preprocess.resize(frame[..., None], (128, 176)))[..., 0])
+  assert np.abs(host - jitted).max() <= 1 and np.mean(host != jitted) < 1e-3
+
+
+def test_resize_host_long_axes_are_not_cached():
+  """Odd frames (here 2 x 9000) are resized like any other, without their long axis's
+  taps being kept; the usual sizes are computed once and shared, read-only."""
+  preprocess._cached_resize_taps.cache_clear()
+  x = np.random.default_rng(4).integers(0, 256, (2, 9000), dtype=np.uint8)
+  np.testing.assert_allclose(preprocess.resize_host(x, (8, 12)),
+                             _dense_resize_reference(x, (8, 12)), atol=2e-6 * 255)
+  back = preprocess.resize_host(np.ones((8, 12), np.float32), (2, 9000))
+  np.testing.assert_allclose(back, 1.0, atol=1e-6)
+  assert preprocess._cached_resize_taps.cache_info().currsize == 2   # 2 -> 8 and 8 -> 2
+  index, weights = preprocess._resize_taps(580, 176)
+  assert preprocess._resize_taps(580, 176)[0] is index
+  assert not index.flags.writeable and not weights.flags.writeable

@@ -98,13 +98,18 @@ def test_good_frames_give_the_predictors_results(client, predictor, smoke_run):
       assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
     else:
       assert body["message"] == "No nerve found" and body["bbox"] is None and body["rle"] == ""
-    # The page's images: the frame as read (browsers cannot show TIFF), the outline
-    # drawn over it, and the 0/255 mask.
+    # The page's images: the frame as read (browsers cannot show TIFF) and the 0/255
+    # mask, from which the page draws the overlay; the overlay itself on request.
+    assert sorted(body["images"]) == ["mask", "original"]
     np.testing.assert_array_equal(_png_array(body["images"]["original"]), frame)
     np.testing.assert_array_equal(_png_array(body["images"]["mask"]), want.mask * 255)
-    overlay = _png_array(body["images"]["overlay"])
-    assert overlay.shape == (*frame.shape, 3)
+    with_overlay = _post(client, name, data, params={"overlay": "true"}).json()
+    assert sorted(with_overlay["images"]) == ["mask", "original", "overlay"]
+    overlay = _png_array(with_overlay["images"]["overlay"])
+    np.testing.assert_array_equal(overlay, imageio.overlay(frame, want.mask))
     assert (overlay != frame[..., None]).any() == want.decision
+    assert _post(client, name, data, params={"images": "false", "overlay": "true"}
+                 ).json().keys() == body.keys() - {"images"}
   # The synthetic nerve frame is found by the calibrated smoke run.
   assert _post(client, nerve, (raw / "test" / nerve).read_bytes()).json()["nerve_found"]
 

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from nerveseg_jax import inference, rle, webapp
+from nerveseg_jax import imageio, inference, rle, webapp
 
 CHROMIUM = pathlib.Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -151,6 +151,10 @@ def test_upload_shows_overlay_decision_and_downloads(page, server_url, smoke_run
   from PIL import Image
   mask = np.asarray(Image.open(download.path()))
   assert mask.shape == (420, 580) and set(np.unique(mask)) <= {0, 255} and mask.any()
+  # The page draws the overlay from the frame and the mask: the server's pixels exactly.
+  frame = imageio.read_gray(raw / "test" / f"{nerve}.tif")
+  np.testing.assert_array_equal(_img_pixels(found.locator("img.overlay")),
+                                imageio.overlay(frame, mask))
 
   with page.expect_download() as info:
     page.click("#download-csv")
@@ -167,6 +171,66 @@ def test_upload_shows_overlay_decision_and_downloads(page, server_url, smoke_run
     page.click("#download-csv")
   rows = list(csv.reader(io.StringIO(pathlib.Path(info.value.path()).read_text())))
   assert [r[0] for r in rows[1:]] == [nerve]
+
+
+def _img_pixels(locator) -> np.ndarray:
+  """An <img>'s decoded RGB pixels, read back through a canvas as a lossless PNG."""
+  import base64
+  from PIL import Image
+  url = locator.evaluate("""(i) => {
+    const c = document.createElement("canvas");
+    c.width = i.naturalWidth; c.height = i.naturalHeight;
+    c.getContext("2d").drawImage(i, 0, 0);
+    return c.toDataURL("image/png");
+  }""")
+  data = base64.b64decode(url.split(",", 1)[1])
+  return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_page_overlay_is_the_servers_at_any_frame_size(page, server, tmp_path):
+  """The outline thickens with the frame as imageio.overlay's does, rounded as Python
+  rounds (750 / 300 = 2.5 -> 2, 1050 / 300 = 3.5 -> 4), and follows masks that touch
+  the frame's edge; the tint inside is the same integer arithmetic."""
+  from PIL import Image
+  predictor = server.app.state.worker.predictor
+  rng = np.random.default_rng(3)
+  masks = {}
+
+  def fake_predict_each(frames, names):
+    out = []
+    for frame, name in zip(frames, names):
+      mask = masks[frame.shape]
+      ys, xs = np.nonzero(mask)
+      out.append(inference.FramePrediction(
+          name, mask, 0.9, True, int(mask.sum()),
+          (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)))
+    return out
+
+  files, frames = [], {}
+  for shape in ((300, 750), (200, 150), (330, 1050)):
+    frame = rng.integers(0, 256, shape, dtype=np.uint8)
+    mask = np.zeros(shape, np.uint8)
+    mask[: shape[0] // 2, shape[1] // 3:] = 1      # touches the top and right edges
+    mask[shape[0] - 30:shape[0] - 10, 5:40] = 1    # a small blob near the bottom left
+    mask[shape[0] // 2 + 5, 3] = 1                 # one pixel
+    masks[shape] = mask
+    path = tmp_path / f"{shape[1]}x{shape[0]}.png"
+    Image.fromarray(frame).save(path)
+    files.append(str(path))
+    frames[path.name] = frame
+  predictor.predict_each = fake_predict_each
+  try:
+    page.set_input_files("#file-input", files)
+    sync_api.expect(page.locator("#results .card.pending")).to_have_count(0, timeout=60_000)
+  finally:
+    del predictor.predict_each
+  cards = page.locator("#results .card")
+  assert cards.count() == len(files)
+  for i in range(cards.count()):
+    card = cards.nth(i)
+    frame = frames[card.locator(".filename").inner_text()]
+    np.testing.assert_array_equal(_img_pixels(card.locator("img.overlay")),
+                                  imageio.overlay(frame, masks[frame.shape]))
 
 
 def test_server_side_errors_appear_on_the_page(page, tmp_path):

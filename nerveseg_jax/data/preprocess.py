@@ -7,6 +7,7 @@ flow on values.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -78,40 +79,72 @@ def resize(images: Array, size: Sequence[int], *, is_mask: bool = False) -> jax.
   return out
 
 
-def _resize_weights(n_in: int, n_out: int) -> np.ndarray:
-  """(n_out, n_in) float32 weights of `resize` along one axis (jax.image's triangle
-  kernel, widened by the scale when shrinking, rows normalised to sum to 1)."""
+# Axis lengths up to this have their taps cached (a few kB each); longer ones, only
+# from odd frames, are recomputed rather than held.
+_CACHED_AXIS = 8192
+
+
+def _resize_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+  """`resize`'s weights along one axis as a band: (n_out, K) source indices and
+  (n_out, K) float32 weights, the nonzero run of each row of the (n_out, n_in) matrix.
+
+  jax.image's triangle kernel, widened by the scale when shrinking, rows normalised to
+  sum to 1. Its support is about 2 * max(n_in / n_out, 1) samples wide, so the band is
+  that narrow whatever the frame's size, where the dense matrix has n_out * n_in
+  entries, almost all zero, and multiplying by it costs n_in / K times the work.
+  Taps past the frame's edge get index n_in - 1 and weight 0. Cached: a server sees the
+  same few (frame size, model size) pairs again and again.
+  """
+  if max(n_in, n_out) <= _CACHED_AXIS:
+    return _cached_resize_taps(n_in, n_out)
+  return _compute_resize_taps(n_in, n_out)
+
+
+def _compute_resize_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
   scale = n_out / n_in
   kernel_scale = max(1.0 / scale, 1.0)
   centres = (np.arange(n_out, dtype=np.float64) + 0.5) / scale - 0.5
-  x = np.abs(centres[:, None] - np.arange(n_in, dtype=np.float64)[None, :]) / kernel_scale
-  weights = np.maximum(0.0, 1.0 - x)
+  first = np.maximum(np.floor(centres - kernel_scale).astype(np.int64), 0)
+  last = np.minimum(np.ceil(centres + kernel_scale).astype(np.int64), n_in - 1)
+  taps = int((last - first).max()) + 1
+  index = first[:, None] + np.arange(taps)[None, :]
+  x = np.abs(centres[:, None] - index) / kernel_scale
+  weights = np.where(index <= last[:, None], np.maximum(0.0, 1.0 - x), 0.0)
   weights /= weights.sum(axis=1, keepdims=True)
-  return weights.astype(np.float32)
+  index = np.minimum(index, n_in - 1).astype(np.intp)
+  weights = weights.astype(np.float32)
+  for a in (index, weights):
+    a.flags.writeable = False  # shared by every caller through the cache
+  return index, weights
 
 
-def resize_host(image: np.ndarray, size: Sequence[int], *, rows_per_block: int = 512
-                ) -> np.ndarray:
+_cached_resize_taps = functools.lru_cache(maxsize=64)(_compute_resize_taps)
+
+
+def resize_host(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
   """`resize` of one (H, W) frame in numpy, as float32: the same weights, no compile.
 
   Inference takes frames of any size; resizing them here keeps the jitted programs to
-  one input shape, where `resize` would compile one per source size. The input is
-  converted to float a block of rows at a time, so a large frame costs no full float
-  copy. Matches `resize` to float32 rounding.
+  one input shape, where `resize` would compile one per source size. Each axis is a
+  weighted sum of a few neighbouring columns (then rows), `_resize_taps`'s band, rather
+  than a product with a mostly-zero matrix: a 420x580 frame to 128x176 and a 128x176
+  mask back each take about a millisecond, and multi-threaded BLAS, which stalls when
+  other processes hold the cores, is not involved. A uint8 frame is converted to float
+  one gathered column block at a time, so a large frame costs no full float copy.
+  Matches `resize` to float32 rounding.
   """
   h, w = check_size(size)
   image = np.asarray(image)
   if image.ndim != 2:
     raise ValueError(f"resize_host expects (H, W); got shape {image.shape}")
-  n_rows, n_cols = image.shape
-  if (n_rows, n_cols) == (h, w):
+  if image.shape == (h, w):
     return image.astype(np.float32)
-  w_rows = _resize_weights(n_rows, h)                 # (h, H)
-  w_cols = _resize_weights(n_cols, w).T               # (W, w)
-  if n_rows <= rows_per_block:  # e.g. a model's output back to its frame: no temporary
-    return w_rows @ (image.astype(np.float32) @ w_cols)
+  index, weights = _resize_taps(image.shape[1], w)
+  cols = np.zeros((image.shape[0], w), np.float32)
+  for k in range(index.shape[1]):
+    cols += np.take(image, index[:, k], axis=1) * weights[:, k]  # faster than image[:, i]
+  index, weights = _resize_taps(image.shape[0], h)
   out = np.zeros((h, w), np.float32)
-  for start in range(0, n_rows, rows_per_block):
-    block = image[start:start + rows_per_block].astype(np.float32) @ w_cols
-    out += w_rows[:, start:start + rows_per_block] @ block
+  for k in range(index.shape[1]):
+    out += np.take(cols, index[:, k], axis=0) * weights[:, k, None]
   return out

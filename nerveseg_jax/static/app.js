@@ -138,7 +138,11 @@
       showError(card, body.error || `HTTP ${response.status}`);
       return;
     }
-    showResult(card, body);
+    try {
+      await showResult(card, body);
+    } catch (err) {
+      showError(card, `${file.name}: the result could not be shown (${err.message}).`);
+    }
   }
 
   // --- cards -----------------------------------------------------------------------------
@@ -160,8 +164,15 @@
     card.querySelector(".select").checked = false;
   }
 
-  function showResult(card, r) {
+  async function showResult(card, r) {
     if (!card.isConnected) return;  // cleared while it was being analysed
+    const png = (b64) => `data:image/png;base64,${b64}`;
+    // Drawn before the card counts as done, so a done card shows all its images.
+    r.overlayUrl = await overlayUrl(png(r.images.original), png(r.images.mask));
+    const overlayImg = card.querySelector(".overlay");
+    overlayImg.src = r.overlayUrl;
+    await overlayImg.decode();
+    if (!card.isConnected) return;
     const found = Boolean(r.nerve_found);
     // Near the cut-off the decision could as well have gone the other way: say so
     // rather than show a confident verdict. (Threshold 0: presence does not decide.)
@@ -176,9 +187,7 @@
         "of the threshold; check the frame yourself";
       note.hidden = false;
     }
-    const png = (b64) => `data:image/png;base64,${b64}`;
     card.querySelector(".original").src = png(r.images.original);
-    card.querySelector(".overlay").src = png(r.images.overlay);
     card.querySelector(".views").hidden = false;
     for (const img of card.querySelectorAll(".views img")) {
       img.addEventListener("click", () => openViewer(card, r));
@@ -248,6 +257,63 @@
     return state.results.filter((r) => r.card.isConnected && r.card.querySelector(".select").checked);
   }
 
+  // --- the overlay -----------------------------------------------------------------------
+
+  // The frame with the predicted nerve tinted and outlined in green, drawn here from
+  // the frame and its 0/255 mask with imageio.overlay's integer arithmetic, so the
+  // pixels are the server's own; the server then encodes two images, not three.
+  const PRED_COLOR = [0, 255, 0];
+
+  async function imagePixels(url) {
+    const img = new Image();
+    img.src = url;
+    await img.decode();
+    const canvas = document.createElement("canvas");
+    canvas.width = img.naturalWidth;
+    canvas.height = img.naturalHeight;
+    const context = canvas.getContext("2d", {willReadFrequently: true});
+    context.drawImage(img, 0, 0);
+    return {canvas, context, data: context.getImageData(0, 0, canvas.width, canvas.height)};
+  }
+
+  // Python's round(): halves go to the even neighbour (round(2.5) == 2).
+  function roundHalfEven(x) {
+    const r = Math.round(x);
+    return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+  }
+
+  async function overlayUrl(frameUrl, maskUrl) {
+    const [frame, mask] = await Promise.all([imagePixels(frameUrl), imagePixels(maskUrl)]);
+    const w = frame.canvas.width, h = frame.canvas.height;
+    const rgba = frame.data.data, maskRgba = mask.data.data;
+    const inMask = new Uint8Array(w * h);
+    for (let i = 0; i < w * h; i++) inMask[i] = maskRgba[4 * i] !== 0 ? 1 : 0;
+    // The outline: mask pixels within `thickness` 4-connected steps of background or the
+    // frame's edge, i.e. not in the mask eroded `thickness` times by the cross.
+    const thickness = Math.max(1, roundHalfEven(Math.max(w, h) / 300));
+    let inner = inMask;
+    for (let k = 0; k < thickness; k++) {
+      const next = new Uint8Array(w * h);
+      for (let y = 0; y < h; y++) {
+        for (let x = 0, i = y * w; x < w; x++, i++) {
+          next[i] = inner[i] && x > 0 && inner[i - 1] && x < w - 1 && inner[i + 1] &&
+            y > 0 && inner[i - w] && y < h - 1 && inner[i + w] ? 1 : 0;
+        }
+      }
+      inner = next;
+    }
+    for (let i = 0; i < w * h; i++) {
+      if (!inMask[i]) continue;
+      for (let c = 0; c < 3; c++) {
+        const p = 4 * i + c;
+        // Inside: 0.75 * value + 0.25 * colour, rounded down; the outline: the colour.
+        rgba[p] = inner[i] ? (3 * rgba[p] + PRED_COLOR[c]) >> 2 : PRED_COLOR[c];
+      }
+    }
+    frame.context.putImageData(frame.data, 0, 0);
+    return frame.canvas.toDataURL("image/png");
+  }
+
   // --- the enlarged view ---------------------------------------------------------------
 
   function openViewer(card, r) {
@@ -258,7 +324,7 @@
       `${flag}${r.message} \u00b7 presence ${r.presence_percent.toFixed(1)}\u00a0%`;
     el("viewer").className = `viewer ${card.className.replace(/\bcard\b|\bdone\b/g, "")}`;
     el("viewer-base").src = png(r.images.original);
-    el("viewer-overlay").src = png(r.images.overlay);
+    el("viewer-overlay").src = r.overlayUrl;
     setOpacity(el("viewer-opacity").value);
     el("viewer").showModal();
   }
