@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from nerveseg_jax import crossval, evaluate, inference, postprocess, predict, runinfo
-from nerveseg_jax import sweep, trainer
+from nerveseg_jax import sweep, trainer, webapp
 from nerveseg_jax.data import labelled
 from test_train import smoke_config, smoke_data_dir
+from test_ux_page import _healthz
 
 SHORT = {"num_train_steps": 4, "eval_every_steps": 4, "checkpoint_every_steps": 4,
          "log_every_steps": 2, "warmup_steps": 1}
@@ -130,6 +131,11 @@ def test_faces_take_the_cv_folder(cv_dir, tmp_path, capsys):
   info = runinfo.model_info(cv_dir)
   assert info["folds"] == "2 of 2 folds" and info["step"] is None
   assert info["kaggle_score"] == cv["mean"]["calibrated"]["kaggle_score"]
+  body = _healthz(webapp.create_app(inference.Predictor([cv_dir], batch_size=1),
+                                    warmup=False))
+  assert body["workdirs"] == [f"{cv_dir.name}/fold_0", f"{cv_dir.name}/fold_1"]
+  assert body["model"]["name"] == cv_dir.name and body["model"]["folds"] == "2 of 2 folds"
+  assert body["calibration"] == cv["calibration"]
 
 
 def test_partial_cv_and_sweep_of_cvs_with_paired_differences(data_dir, tmp_path):

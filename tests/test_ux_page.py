@@ -69,6 +69,7 @@ class _FakePredictor:
   tta: bool = False
   batch_size: int = 1
   calibration: postprocess.Calibration = postprocess.Calibration()
+  cv_dirs: list = dataclasses.field(default_factory=list)
 
 
 def _healthz(app) -> dict:

@@ -19,8 +19,12 @@ import jax
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from nerveseg_jax import models  # noqa: E402  (importing the package applies its XLA flags)
+from nerveseg_jax import models, xla_flags  # noqa: E402
 from nerveseg_jax.models.unet import UNet  # noqa: E402
+
+# Importing the package sets no flags; before JAX starts its backend, this does (and
+# NERVESEG_NO_XLA_FLAGS=1 makes it a no-op, for the comparison without them).
+xla_flags.configure()
 
 
 def _times(fn, n: int) -> list[float]:
