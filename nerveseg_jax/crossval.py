@@ -210,19 +210,20 @@ def _write(cv_dir: pathlib.Path, cv: dict[str, Any], search, stats, names) -> No
                        int(found[j]), int(a["truth_area"][j] > 0), int(a["truth_area"][j])])
   (cv_dir / "eval").mkdir(parents=True, exist_ok=True)
   workdir_lib.write_text_atomic(cv_dir / "eval" / "per_frame.csv", table.getvalue())
-  workdir_lib.write_text_atomic(cv_dir / CV_FILE, json.dumps(_jsonable(cv), indent=2) + "\n")
+  workdir_lib.write_text_atomic(cv_dir / CV_FILE, json.dumps(jsonable(cv), indent=2) + "\n")
   workdir_lib.write_text_atomic(cv_dir / CV_TABLE, render(cv, f"# Cross-validation: {cv_dir.name}"))
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+  """X with NaN and inf as None (JSON null) and numpy scalars as Python ones."""
   if isinstance(x, dict):
-    return {k: _jsonable(v) for k, v in x.items()}
+    return {k: jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [jsonable(v) for v in x]
   if isinstance(x, float) and not math.isfinite(x):
     return None
   if hasattr(x, "item"):
-    return x.item()
+    return jsonable(x.item())  # a numpy NaN becomes a float NaN, then None
   return x
 
 

@@ -137,18 +137,6 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
   return config
 
 
-def _jsonable(x: Any) -> Any:
-  if isinstance(x, dict):
-    return {k: _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, float) and not math.isfinite(x):
-    return None  # NaN (e.g. no nerve frame in a fold) as JSON null
-  if hasattr(x, "item"):
-    return _jsonable(x.item())
-  return x
-
-
 def score(history: list[dict[str, Any]], metric: str) -> dict[str, Any]:
   """final (the last evaluation's value), best and best_step of METRIC over HISTORY."""
   final = history[-1].get(metric) if history else None
@@ -192,7 +180,7 @@ def run_one(config: ml_collections.ConfigDict, run: dict[str, Any], workdir,
             metric: str, where: str, at_source_size: bool = False) -> dict[str, Any]:
   """Trains one run (or reads back its finished result) and returns its summary."""
   from nerveseg_jax import trainer  # pylint: disable=g-import-not-at-top
-  overrides = _jsonable({k: v for k, v in run.items() if k != "name"})
+  overrides = crossval.jsonable({k: v for k, v in run.items() if k != "name"})
   result_path = workdir / RESULT_FILE
   if result_path.exists():
     try:
@@ -210,7 +198,7 @@ def run_one(config: ml_collections.ConfigDict, run: dict[str, Any], workdir,
         else:  # trained by a sweep without --evaluate: score it now, once
           done.update(_evaluate_at_source_size(workdir, metric))
           if _is_writer():
-            _write_json(result_path, _jsonable(done))
+            _write_json(result_path, crossval.jsonable(done))
       return done
   t0 = time.perf_counter()
   summary: dict[str, Any] = {"name": run["name"], "overrides": overrides}
@@ -233,7 +221,7 @@ def run_one(config: ml_collections.ConfigDict, run: dict[str, Any], workdir,
     summary["status"] = "no_validation"  # e.g. data.fold=-1, or evals never recorded
   if at_source_size and summary["status"] == "ok":
     summary.update(_evaluate_at_source_size(workdir, metric))
-  summary = _jsonable(summary)
+  summary = crossval.jsonable(summary)
   if _is_writer():
     _write_json(result_path, summary)
   return summary
@@ -340,8 +328,8 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any], workdir,
     if _is_writer():
       workdir.mkdir(parents=True, exist_ok=True)
       _write_json(workdir / "sweep.json", {
-          "metric": metric, "base": _jsonable(sweep.get("base", {})),
-          "overrides": _jsonable(overrides or {}), "runs": summaries})
+          "metric": metric, "base": crossval.jsonable(sweep.get("base", {})),
+          "overrides": crossval.jsonable(overrides or {}), "runs": summaries})
       workdir_lib.write_text_atomic(workdir / "sweep.md",
                                     render_table(summaries, metric, f"# {title}"))
   return summaries, metric
@@ -423,7 +411,7 @@ def run_cv_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any] | None
     where = f"{title} run {run['name']!r}"
     cfg = apply_overrides(base, {k: v for k, v in run.items() if k != "name"}, where)
     plans[run["name"]] = _fold_plan(cfg, workdir / run["name"], num_folds, fold_ids, where)
-  run_overrides = {r["name"]: _jsonable({k: v for k, v in r.items() if k != "name"})
+  run_overrides = {r["name"]: crossval.jsonable({k: v for k, v in r.items() if k != "name"})
                    for r in sweep["runs"]}
   base_name = "base" if "base" in plans else sweep["runs"][0]["name"]
   cvs: dict[str, Any] = {}
@@ -434,8 +422,8 @@ def run_cv_sweep(config: ml_collections.ConfigDict, sweep: dict[str, Any] | None
       table = crossval.render_study(cvs, run_overrides, base_name, f"# {title}",
                                     noise_run=sweep.get("noise_run"))
       _write_json(workdir / "sweep.json", {
-          "num_folds": num_folds, "folds": list(fold_ids), "base": _jsonable(sweep["base"]),
-          "overrides": _jsonable(overrides or {}), "base_run": base_name,
+          "num_folds": num_folds, "folds": list(fold_ids), "base": crossval.jsonable(sweep["base"]),
+          "overrides": crossval.jsonable(overrides or {}), "base_run": base_name,
           "noise_run": sweep.get("noise_run"),
           "runs": {n: {"overrides": run_overrides[n], "cv": c} for n, c in cvs.items()}})
       workdir_lib.write_text_atomic(workdir / "sweep.md", table)

@@ -27,6 +27,21 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def import_probe(module: str, watched: tuple[str, ...]) -> str:
+  """Python source that runs MODULE as `python -m` would (its argv after the source) and
+  prints `IMPORTED {json}`: which of WATCHED it imported, for `python -c SOURCE ARGS`."""
+  return f"""
+import json, runpy, sys
+sys.argv = [{module!r}, *sys.argv[1:]]
+try:
+  runpy.run_module({module!r}, run_name="__main__")
+except SystemExit as e:
+  if e.code:
+    raise
+print("IMPORTED " + json.dumps({{m: m in sys.modules for m in {watched!r}}}))
+"""
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
   path = SHARED / "data"

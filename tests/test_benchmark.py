@@ -9,20 +9,11 @@ import pytest
 
 from nerveseg_jax import benchmark
 from nerveseg_jax.configs import unet
-from conftest import REPO
+from conftest import REPO, import_probe
 
 # Runs the command as `python -m` would and reports what it imported.
-_PROBE = """
-import json, runpy, sys
-sys.argv = ["benchmark", *sys.argv[1:]]
-try:
-  runpy.run_module("nerveseg_jax.benchmark", run_name="__main__")
-except SystemExit as e:
-  if e.code:
-    raise
-print("IMPORTED " + json.dumps({m: m in sys.modules for m in
-      ("tensorflow", "tensorflow_datasets", "nerveseg_jax.train")}))
-"""
+_PROBE = import_probe("nerveseg_jax.benchmark",
+                      ("tensorflow", "tensorflow_datasets", "nerveseg_jax.train"))
 
 _MEASURED = ("compile_s", "train_step_ms", "train_images_per_s", "flops_per_step_per_device",
              "pipeline_images_per_s", "goodput", "infer_latency_ms_batch1",

@@ -15,7 +15,8 @@ STABLE = ("data.source", "data.manual_dir", "data.data_dir", "data.image_size",
 
 
 @pytest.mark.parametrize("module,arg", [(unet, ""), (unet, "synthetic"), (unet, "smoke"),
-                                        (unet, "folder"), (classifier, ""),
+                                        (unet, "folder"), (unet, "folder,cpu"),
+                                        (classifier, ""),
                                         (classifier, "synthetic"), (classifier, "smoke")])
 def test_configs_have_stable_keys(module, arg):
   c = module.get_config(arg)
@@ -79,3 +80,12 @@ def test_variants_compose_in_order():
   c = unet.get_config("smoke,folder")
   assert c.data.source == "folder" and c.model.features == 4
   assert unet.get_config("folder,smoke").data.source == "synthetic"
+
+
+def test_cpu_variant_composes_with_folder():
+  c = unet.get_config("folder,cpu")
+  assert c.data.source == "folder" and tuple(c.data.image_size) == (96, 96)
+  assert (c.model.features, c.num_train_steps, c.batch_size) == (16, 1000, 16)
+  # Only sizes and schedule: the model family and the losses are the default's.
+  default = unet.get_config("folder")
+  assert c.model.block == default.model.block and c.loss.to_dict() == default.loss.to_dict()

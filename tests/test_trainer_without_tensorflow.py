@@ -14,22 +14,11 @@ import pytest
 from nerveseg_jax.configs import unet
 from nerveseg_jax.data import arrays as data_arrays
 from nerveseg_jax.data import tfds_source
-from conftest import REPO
+from conftest import REPO, import_probe
 
 SIZE = (32, 48)
 
-# Runs the command as `python -m` would and reports what it imported.
-_PROBE = """
-import json, runpy, sys
-sys.argv = ["train", *sys.argv[1:]]
-try:
-  runpy.run_module("nerveseg_jax.train", run_name="__main__")
-except SystemExit as e:
-  if e.code:
-    raise
-print("IMPORTED " + json.dumps({m: m in sys.modules for m in
-      ("tensorflow", "tensorflow_datasets")}))
-"""
+_PROBE = import_probe("nerveseg_jax.train", ("tensorflow", "tensorflow_datasets"))
 
 
 def _config(data_dir):
