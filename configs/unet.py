@@ -29,13 +29,15 @@ What the defaults rest on. Measured (docs/study.md: nerve_real_subset, folds 0 a
 the 5-fold subject-wise split, nerve-frame Dice at the frames' own size, each setting
 against the `cpu` recipe at a 400-step screening schedule on a 2-core CPU): calibration
 is worth +0.05 (it is part of evaluate); doubling the schedule is the one training
-lever that cleared its noise (+0.029, calibrated); residual blocks and deep supervision
-gained +0.010 each, inside the seed-to-seed noise (0.012), so they stay off. The
-previous sweep found 8 features too few against 16. Extrapolated, not measured: the
-default trains far longer than any CPU run (6000 steps of batch 32, 30x the `cpu`
-recipe's images), which is the study's direction; 32 features and the frame's own
-aspect at 128x176 follow the width and resolution trends at accelerator cost. Confirm
-them with `sweep --folds 5` on the full Kaggle set before trusting a difference.
+lever that cleared its noise (+0.029, calibrated); 128x128 was worse than 96x96 at
+the same 400 steps (-0.037: slower to leave the empty mask); residual blocks and deep
+supervision gained +0.010 each, inside the seed-to-seed noise (0.012), so they stay
+off. The previous sweep found 8 features too few against 16. Extrapolated, not
+measured: the default trains far longer than any CPU run (6000 steps of batch 32, 12x
+the `cpu` recipe's images), which is the study's direction; at that length the larger
+input (128x176, the frame's own aspect) and 32 features are expected to pay for
+themselves, which the 400-step screen cannot show. Confirm them with `sweep --folds 5`
+on the full Kaggle set before trusting a difference.
 """
 
 import ml_collections
