@@ -198,3 +198,15 @@ def test_inference_levers_out_of_fold(cv_dir, capsys):
   assert (cv_dir / "eval" / "levers.md").exists()
   assert evaluate.main(["--workdir", str(cv_dir / "fold_0"), "--levers"]) != 0
   assert "not a cross-validation folder" in capsys.readouterr().err
+
+
+def test_preempted_fold_stops_the_cv_with_143_and_nothing_scored(tmp_path, monkeypatch,
+                                                                  capsys):
+  monkeypatch.setattr(trainer, "train_and_evaluate", lambda *a, **k: {"preempted": True})
+  monkeypatch.setattr(crossval, "score_folds",
+                      lambda *a, **k: pytest.fail("a preempted CV was scored"))
+  code = sweep.main(["--config", "unet:smoke", "--folds", "2",
+                     "--workdir", str(tmp_path / "cv")])
+  assert code == 143
+  assert "run the same command again to resume" in capsys.readouterr().out
+  assert not (tmp_path / "cv" / crossval.CV_FILE).exists()
