@@ -115,6 +115,23 @@ def checkpoint_meta(config, step: int, metrics: Mapping[str, float] | None, best
           "metrics": dict(metrics or {})}
 
 
+def save_untrained(config: ml_collections.ConfigDict, workdir) -> None:
+  """Saves CONFIG's freshly initialised model into WORKDIR as a run at step 0.
+
+  For what needs a run but not a trained one: latency and API checks, whose speed and
+  contracts do not depend on the weights.
+  """
+  mesh = sharding.make_mesh(config.mesh)
+  tx, _ = train_state.make_optimizer(config)
+  state, _ = train_state.init_state(config, tx, mesh)
+  workdir_lib.write_config(workdir, config)
+  checkpointer = ckpt_lib.TrainCheckpointer(workdir, keep=1)
+  try:
+    checkpointer.save(0, state, checkpoint_meta(config, 0, None, "kaggle_score"))
+  finally:
+    checkpointer.close()
+
+
 # What a full disk, a read-only file system or a missing permission raise, wherever the
 # error lost the path it was writing.
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)

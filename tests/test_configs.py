@@ -85,7 +85,7 @@ def test_variants_compose_in_order():
 def test_cpu_variant_composes_with_folder():
   c = unet.get_config("folder,cpu")
   assert c.data.source == "folder" and tuple(c.data.image_size) == (96, 96)
-  assert (c.model.features, c.num_train_steps, c.batch_size) == (16, 1000, 16)
+  assert (c.model.features, c.num_train_steps, c.batch_size) == (16, 1800, 16)
   # Only sizes and schedule: the model family and the losses are the default's.
   default = unet.get_config("folder")
   assert c.model.block == default.model.block and c.loss.to_dict() == default.loss.to_dict()

@@ -137,18 +137,11 @@ def test_ensemble_of_two_different_runs_averages_their_probabilities(run_root, t
 
 def test_a_unet_without_presence_head_takes_the_largest_mask_probability(tmp_path):
   """Presence then comes from the full-size mask on the host, for every frame size."""
-  from nerveseg_jax import checkpoint, sharding, train_state, trainer
-  from nerveseg_jax import workdir as workdir_lib
+  from nerveseg_jax import trainer
   from nerveseg_jax.configs import unet
   config = unet.get_config("smoke")
   config.model.presence_head = False
-  mesh = sharding.make_mesh(config.mesh)
-  tx, _ = train_state.make_optimizer(config)
-  state, _ = train_state.init_state(config, tx, mesh)
-  workdir_lib.write_config(tmp_path, config)
-  ckpt = checkpoint.TrainCheckpointer(tmp_path, keep=1)
-  ckpt.save(0, state, trainer.checkpoint_meta(config, 0, None, "kaggle_score"))
-  ckpt.close()
+  trainer.save_untrained(config, tmp_path)
   predictor = inference.Predictor(tmp_path, batch_size=2, which="latest")
   rng = np.random.default_rng(0)
   frames = [rng.integers(0, 256, s, dtype=np.uint8) for s in ((64, 96), (120, 90), (33, 200))]

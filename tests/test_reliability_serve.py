@@ -7,11 +7,8 @@ Uses conftest's `calibrated_run` (the short synthetic training run, calibrated).
 import concurrent.futures
 import contextlib
 import io
-import os
 import re
 import statistics
-import subprocess
-import sys
 import threading
 import time
 
@@ -23,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from nerveseg_jax import imageio, inference, webapp
+from nerveseg_jax import imageio, inference, server_process, webapp
 from nerveseg_jax.data import preprocess
 
 LOCAL = "http://localhost"
@@ -226,32 +223,8 @@ def _status_kb(pid: int, key: str) -> int:
 @pytest.fixture(scope="module")
 def server(calibrated_run):
   """The CLI with its default limits on 127.0.0.1: (url, pid)."""
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "nerveseg_jax.serve", "--workdir", str(calibrated_run),
-       "--port", "0"],
-      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=dict(os.environ))
-  found: list[str] = []
-
-  def read():
-    for line in proc.stdout:
-      m = re.match(r"ready on (http://\S+)", line)
-      if m:
-        found.append(m.group(1))
-        return
-
-  reader = threading.Thread(target=read, daemon=True)
-  reader.start()
-  reader.join(180)
-  try:
-    assert found, f"server not ready (exit {proc.poll()})"
-    yield found[0], proc.pid
-  finally:
-    proc.terminate()
-    try:
-      proc.wait(20)
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      proc.wait()
+  with server_process.running(calibrated_run) as (url, proc):
+    yield url, proc.pid
 
 
 def test_8_concurrent_large_uploads_stay_under_the_documented_bound(server):

@@ -8,7 +8,6 @@ import base64
 import concurrent.futures
 import csv
 import io
-import os
 import pathlib
 import re
 import subprocess
@@ -22,7 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from nerveseg_jax import imageio, inference, rle, serve, webapp
+from nerveseg_jax import imageio, inference, rle, serve, server_process, webapp
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LOCAL = "http://localhost"   # the app answers only to localhost names by default
@@ -266,14 +265,7 @@ def test_real_server_answers_20_concurrent_requests(calibrated_run, smoke_run):
   raw = smoke_run / "raw"
   names = [name for name, _ in _test_frames(raw)][:20]
   assert len(names) == 20
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "nerveseg_jax.serve", "--workdir", str(calibrated_run),
-       "--port", "0", "--batch_size", "4"],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
-  stderr: list[str] = []
-  threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
-  try:
-    url = _read_ready_line(proc, stderr, timeout=180)
+  with server_process.running(calibrated_run, "--batch_size", "4") as (url, _):
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url), url   # localhost by default
     health = httpx.get(f"{url}/healthz", timeout=10)
     assert health.status_code == 200 and health.json()["batch_size"] == 4
@@ -304,30 +296,3 @@ def test_real_server_answers_20_concurrent_requests(calibrated_run, smoke_run):
       diff = np.count_nonzero(rle.decode(body["rle"]) != rle.decode(ref["rle"]))
       assert diff <= 10, (n, diff)
     assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
-  finally:
-    proc.terminate()
-    try:
-      proc.wait(20)
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      proc.wait()
-
-
-def _read_ready_line(proc, stderr: list[str], timeout: float) -> str:
-  """Waits for "ready on http://..." on the server's stdout; returns the URL."""
-  found: list[str] = []
-
-  def read():
-    for line in proc.stdout:
-      m = re.match(r"ready on (http://\S+)", line)
-      if m:
-        found.append(m.group(1))
-        return
-
-  reader = threading.Thread(target=read, daemon=True)
-  reader.start()
-  reader.join(timeout)
-  if not found:
-    raise AssertionError(f"server not ready after {timeout}s (exit {proc.poll()}):\n"
-                         + "".join(stderr[-30:]))
-  return found[0]

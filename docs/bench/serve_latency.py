@@ -16,12 +16,9 @@ import argparse
 import io
 import os
 import pathlib
-import re
 import statistics
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -35,21 +32,6 @@ def _lscpu() -> str:
   keep = ("Model name", "CPU family", "Model:", "CPU(s):")
   return "; ".join(" ".join(line.split()) for line in out.splitlines()
                    if line.strip().startswith(keep))
-
-
-def _save_random_run(workdir: pathlib.Path) -> None:
-  """configs/unet.py's default model, freshly initialised, saved as a training run."""
-  from nerveseg_jax.configs import unet  # pylint: disable=g-import-not-at-top
-  from nerveseg_jax import checkpoint, sharding, train_state, trainer  # pylint: disable=g-import-not-at-top
-  from nerveseg_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  config = unet.get_config()
-  mesh = sharding.make_mesh(config.mesh)
-  tx, _ = train_state.make_optimizer(config)
-  state, _ = train_state.init_state(config, tx, mesh)
-  workdir_lib.write_config(workdir, config)
-  ckpt = checkpoint.TrainCheckpointer(workdir, keep=1)
-  ckpt.save(0, state, trainer.checkpoint_meta(config, 0, None, "kaggle_score"))
-  ckpt.close()
 
 
 def _frame_png() -> bytes:
@@ -116,35 +98,16 @@ def in_process(workdir: pathlib.Path, data: bytes, n: int, batch_size: int) -> l
 
 def over_http(workdir: pathlib.Path, data: bytes, n: int, batch_size: int) -> list[float]:
   import httpx  # pylint: disable=g-import-not-at-top
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "nerveseg_jax.serve", "--workdir", str(workdir), "--port", "0",
-       "--which", "latest", "--batch_size", str(batch_size)],
-      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-  found: list[str] = []
-
-  def read():
-    for line in proc.stdout:
-      m = re.match(r"ready on (http://\S+)", line)
-      if m:
-        found.append(m.group(1))
-        return
-
-  reader = threading.Thread(target=read, daemon=True)
-  reader.start()
-  reader.join(600)
-  try:
-    if not found:
-      raise SystemExit(f"the server did not start (exit {proc.poll()})")
-    with httpx.Client(base_url=found[0], timeout=120) as client:
+  from nerveseg_jax import server_process  # pylint: disable=g-import-not-at-top
+  with server_process.running(workdir, "--which", "latest", "--batch_size", str(batch_size),
+                              timeout=600) as (url, proc):
+    with httpx.Client(base_url=url, timeout=120) as client:
 
       def post():
         r = client.post("/api/segment", files={"file": ("frame.png", data)})
         assert r.status_code == 200, r.text
 
       return _time(post, n, pid=proc.pid)
-  finally:
-    proc.terminate()
-    proc.wait(30)
 
 
 def stages(workdir: pathlib.Path, data: bytes, n: int, batch_size: int) -> None:
@@ -206,7 +169,9 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     workdir = pathlib.Path(tmp) / "unet_random"
     workdir.mkdir()
-    _save_random_run(workdir)
+    from nerveseg_jax import trainer  # pylint: disable=g-import-not-at-top
+    from nerveseg_jax.configs import unet  # pylint: disable=g-import-not-at-top
+    trainer.save_untrained(unet.get_config(), workdir)
     print(f"cpu: {_lscpu()}; os.cpu_count() {os.cpu_count()}; load average "
           f"{os.getloadavg()[0]:.1f}")
     if args.stages:
