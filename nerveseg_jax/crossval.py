@@ -346,6 +346,48 @@ def render_study(cvs: dict[str, dict[str, Any]], overrides: dict[str, dict[str, 
   return "\n".join(lines) + "\n"
 
 
+def _fold_config(cv_dir: pathlib.Path, cv: dict[str, Any]) -> dict[str, Any]:
+  """CV_DIR's training config (its first scored fold's), as dotted keys without the fold."""
+  first = next(f for f in cv["per_fold"] if f.get("status") == "ok")
+  config = workdir_lib.flat_config(
+      json.loads((cv_dir / first["workdir"] / workdir_lib.CONFIG_FILE).read_text()))
+  config.pop("data.fold", None)
+  return config
+
+
+def compare(cv_dirs: Sequence[str | pathlib.Path]) -> tuple[dict[str, dict[str, Any]], str]:
+  """Compares CV folders made apart (e.g. two recipes) as a sweep of CVs compares its
+  settings: each one's mean ± sd, and its difference from the first, paired by fold.
+
+  Each folder's overrides column lists the config keys that differ from the first's; a
+  difference counts when it clears twice its paired standard error. Returns (cvs by
+  name, the markdown table).
+  """
+  dirs = [pathlib.Path(d).expanduser() for d in cv_dirs]
+  if len(dirs) < 2:
+    raise CrossValError("--compare needs at least two CV folders (the first is the base)")
+  for d in dirs:
+    if not is_cv_dir(d):
+      raise CrossValError(f"{d}: not a CV folder (no {CV_FILE}); make it with "
+                          "nerveseg-sweep --folds K")
+  names = [d.name for d in dirs]
+  if len(set(names)) < len(names):  # e.g. runs/a/cv and runs/b/cv
+    names = [str(d) for d in dirs]
+  cvs = {n: read(d) for n, d in zip(names, dirs)}
+  base_cv = cvs[names[0]]
+  for n, d in zip(names[1:], dirs[1:]):
+    if cvs[n]["num_folds"] != base_cv["num_folds"]:
+      raise CrossValError(f"{d}: a {cvs[n]['num_folds']}-fold split, but {dirs[0]} is "
+                          f"{base_cv['num_folds']}-fold; folds of different splits "
+                          "cannot be paired")
+  configs = {n: _fold_config(d, cvs[n]) for n, d in zip(names, dirs)}
+  base = configs[names[0]]
+  overrides = {n: {k: v for k, v in sorted(c.items()) if base.get(k, "<missing>") != v}
+               for n, c in configs.items()}
+  table = render_study(cvs, overrides, names[0], f"# {' vs '.join(names)}")
+  return cvs, table
+
+
 def inference_levers(cv_dir: str | pathlib.Path, partner: str | pathlib.Path | None = None,
                      batch_size: int | None = None) -> dict[str, Any]:
   """Out of fold, what each inference lever adds to CV_DIR's folds (nothing is written).

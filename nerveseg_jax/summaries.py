@@ -29,6 +29,7 @@ from tensorboard.summary.writer import record_writer
 from tensorboard.util import tensor_util
 
 from nerveseg_jax import imageio, postprocess
+from nerveseg_jax import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -128,19 +129,9 @@ _PANEL_MIN_WIDTH = 256
 
 def flat_hparams(config: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
   """The config as dotted keys with scalar values (what the hparams plugin accepts)."""
-  out: dict[str, bool | int | float | str] = {}
-
-  def visit(prefix: str, value: Any) -> None:
-    if isinstance(value, Mapping):
-      for k, v in value.items():
-        visit(f"{prefix}.{k}" if prefix else str(k), v)
-    elif isinstance(value, (bool, int, float, str)):
-      out[prefix] = value
-    else:  # tuples, lists, None: shown as text rather than dropped
-      out[prefix] = str(value)
-
-  visit("", config.to_dict() if hasattr(config, "to_dict") else config)
-  return out
+  # Tuples, lists and None are shown as text rather than dropped.
+  return {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+          for k, v in workdir_lib.flat_config(config).items()}
 
 
 def write_hparams(writer, config: Mapping[str, Any]) -> None:

@@ -437,8 +437,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       "examples:\n  nerveseg-sweep --config unet:folder --sweep configs/sweeps/real_subset.py "
       "\\\n      --config.data.manual_dir=~/frames --evaluate\n"
       "  nerveseg-sweep --config unet:folder,cpu --folds 5 --workdir runs/cv \\\n"
-      "      --config.data.manual_dir=~/frames   # then: nerveseg-predict --workdir runs/cv ...")
-  cli.add_config(p)
+      "      --config.data.manual_dir=~/frames   # then: nerveseg-predict --workdir runs/cv ...\n"
+      "  nerveseg-sweep --compare runs/cv runs/cv_longer   # two CVs, paired by fold")
+  cli.add_config(p, required=False)
   cli.add_workdir(p, required=False,
                   help_text="where the runs go (default ./runs/sweep_<sweep file>)")
   p.add_argument("--sweep", default="",
@@ -451,15 +452,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--evaluate", action="store_true",
                  help="also score each run at the frames' own size with evaluate "
                       "(uncalibrated), and rank by that")
+  p.add_argument("--compare", nargs="+", default=None, metavar="CV_DIR",
+                 help="compare CV folders made apart, paired by fold, against the first "
+                      "(trains nothing)")
   p.add_argument("--metric", default="",
                  help="validation metric to rank by (default: the sweep file's, else the "
                       "one train keeps the best checkpoint by)")
-  return cli.parse(p, argv)
+  args = cli.parse(p, argv)
+  if not args.compare and not args.config_arg:
+    try:
+      cli.load_config("")  # the same message, and exit code, as a face whose config is required
+    except cli.ConfigError as e:
+      p.exit(2, f"error: {e}\n")
+  return args
 
 
 @cli.command
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  if args.compare:
+    if args.sweep or args.folds or args.config_arg or args.overrides:
+      raise SweepError("--compare reads finished CV folders; it takes no --sweep, --folds "
+                       "or --config")
+    _, table = crossval.compare(args.compare)
+    print(table)
+    return 0
   if args.fold_ids and not args.folds:
     raise SweepError("--fold_ids needs --folds K")
   if not args.sweep and not args.folds:

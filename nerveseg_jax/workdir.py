@@ -133,6 +133,21 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
 
+def flat_config(config: Mapping[str, Any]) -> dict[str, Any]:
+  """A (saved) config as dotted keys, `data.augment.scale` -> value; lists stay lists."""
+  out: dict[str, Any] = {}
+
+  def visit(prefix: str, value: Any) -> None:
+    if isinstance(value, Mapping):
+      for k, v in value.items():
+        visit(f"{prefix}.{k}" if prefix else str(k), v)
+    else:
+      out[prefix] = value
+
+  visit("", config.to_dict() if hasattr(config, "to_dict") else config)
+  return out
+
+
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   path = as_path(workdir) / CONFIG_FILE
   if not path.exists():

@@ -210,3 +210,45 @@ def test_preempted_fold_stops_the_cv_with_143_and_nothing_scored(tmp_path, monke
   assert code == 143
   assert "run the same command again to resume" in capsys.readouterr().out
   assert not (tmp_path / "cv" / crossval.CV_FILE).exists()
+
+
+def test_compare_pairs_cv_folders_made_apart_and_names_what_differs(cv_dir, tmp_path,
+                                                                       capsys):
+  import shutil
+  other = tmp_path / "cv_seed1"
+  shutil.copytree(cv_dir, other)
+  # The same folds, another seed, and known scores: +0.02 and +0.04 on the two folds.
+  for k in (0, 1):
+    cfg_path = other / f"fold_{k}" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["seed"] = 1
+    cfg_path.write_text(json.dumps(cfg))
+  base_cv = json.loads((cv_dir / crossval.CV_FILE).read_text())
+  cv = json.loads((other / crossval.CV_FILE).read_text())
+  for row, add in zip(cv["per_fold"], (0.02, 0.04)):
+    row["calibrated"]["dice_nerve_frames"] += add
+  (other / crossval.CV_FILE).write_text(json.dumps(cv))
+
+  cvs, table = crossval.compare([cv_dir, other])
+  assert list(cvs) == [cv_dir.name, "cv_seed1"]
+  d = crossval.paired_difference(base_cv, cvs["cv_seed1"], "calibrated", "dice_nerve_frames")
+  assert d["n"] == 2 and d["mean"] == pytest.approx(0.03) and d["sd"] == pytest.approx(
+      np.std([0.02, 0.04], ddof=1))
+  row = next(line for line in table.splitlines() if line.startswith("| cv_seed1 |"))
+  assert "`seed=1`" in row and "`data.fold" not in row and "+0.030 ± 0.014" in row
+  assert f"| {cv_dir.name} | (base) | 2 |" in table
+
+  # The face prints the same table and trains nothing.
+  assert sweep.main(["--compare", str(cv_dir), str(other)]) == 0
+  assert capsys.readouterr().out.strip() == table.strip()
+
+  with pytest.raises(crossval.CrossValError, match="at least two CV folders"):
+    crossval.compare([cv_dir])
+  with pytest.raises(crossval.CrossValError, match=f"{tmp_path}: not a CV folder"):
+    crossval.compare([cv_dir, tmp_path])
+  cv["num_folds"] = 3
+  (other / crossval.CV_FILE).write_text(json.dumps(cv))
+  with pytest.raises(crossval.CrossValError, match="cv_seed1: a 3-fold split"):
+    crossval.compare([cv_dir, other])
+  assert sweep.main(["--compare", str(cv_dir), str(other), "--folds", "2"]) == 2
+  assert "takes no --sweep, --folds or --config" in capsys.readouterr().err
