@@ -31,6 +31,10 @@ take DIR as --workdir and ensemble its folds. With --sweep as well, every run of
 sweep file is such a CV folder, WORKDIR/<name>, and sweep.md compares the settings by
 mean ± sd over folds with each one's paired difference from the base and its noise.
 Re-running resumes in both cases.
+
+  python -m nerveseg_jax.sweep --compare DIR_A DIR_B [...]
+compares CV folders made apart (two recipes, say) in the same table, each paired by
+fold against DIR_A, with the config keys in which it differs; it trains nothing.
 """
 
 from __future__ import annotations
