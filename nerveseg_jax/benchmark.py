@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from nerveseg_jax import cli
+from nerveseg_jax import hostinfo
 
 # Dense peak per device, TFLOP/s, by compute dtype. Matched against device_kind, most
 # specific first ("TPU v5 lite" is v5e, plain "TPU v5" is v5p). float32 on GPUs is the
@@ -134,7 +135,8 @@ def run(config, *, steps: int = 10, infer_batch: int = 16, workdir: str | None =
       "config": str(config.name), "model": str(config.model.name),
       "batch_size": int(config.batch_size), "image_size": list(config.data.image_size),
       "dtype": dtype, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "host_cpus": os.cpu_count(), "jax_version": jax.__version__, "errors": {}}
+      "host_cpus": os.cpu_count(), "host": hostinfo.describe(hostinfo.cpu()),
+      "jax_version": jax.__version__, "errors": {}}
   for key in ("compile_s", "flops_per_step_per_device", "compiled_bytes", "train_step_ms",
               "train_images_per_s", "train_images_per_s_per_device", "mfu",
               "pipeline_images_per_s", "goodput", "iterator_images_per_s",
@@ -346,7 +348,7 @@ def _inference(config, model, batch: int, workdir: str | None, n: int,
   return res
 
 
-ROWS = (("device", "device_kind"), ("devices", "num_devices"), ("mesh", "mesh"),
+ROWS = (("host", "host"), ("device", "device_kind"), ("devices", "num_devices"), ("mesh", "mesh"),
         ("config", "config"), ("batch (global)", "batch_size"), ("image size", "image_size"),
         ("dtype", "dtype"), ("compile (s)", "compile_s"),
         ("train step (ms)", "train_step_ms"), ("train images/s", "train_images_per_s"),

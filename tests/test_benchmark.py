@@ -47,6 +47,8 @@ def test_command_measures_everything_sharded_without_tensorflow(tmp_path):
   assert r["fold_estimate_s"] > r["fold_num_train_steps"] * r["fold_step_ms"] / 1e3
   table = benchmark.format_table(r)
   assert "train images/s" in table and "5-fold CV" in table and "n/a" in table
+  # CPU figures are comparable only on the same host, so the result names it.
+  assert "(family " in r["host"] and table.splitlines()[0].startswith("host ")
 
 
 def test_failing_parts_are_recorded_and_the_rest_reported(tmp_path, monkeypatch):

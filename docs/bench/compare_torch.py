@@ -17,7 +17,6 @@ Usage, from the repository root:
 """
 import argparse
 import json
-import os
 import pathlib
 import re
 import statistics
@@ -25,43 +24,17 @@ import subprocess
 import sys
 import tempfile
 
+from nerveseg_jax import hostinfo
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TORCH_TRAIN = REPO.parent / "shared" / "bench" / "torch_unet_reference.py"
 TORCH_FORWARD = REPO / "docs" / "bench" / "torch_unet_forward.py"
 _IMG_S = re.compile(r"([0-9.]+) img/s")
-# Instruction-set flags that change CPU convolution speed (lscpu / /proc/cpuinfo names).
-FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
 # --smoke sizes: the same architecture family, 1 level down, at 32x32.
 _SMOKE_TORCH = ["--batch", "2", "--height", "32", "--width", "32", "--features", "8,16"]
 _SMOKE_JAX = ["--config.batch_size=2", "--config.data.image_size=(32, 32)",
               "--config.model.features=8", "--config.model.depth=1", "--infer_batch", "2",
               "--latency_iters", "3"]
-
-
-def host_cpu() -> dict:
-  """lscpu's model name, family and model, and the FLAGS it reports, plus the CPU count."""
-  try:
-    text = subprocess.run(["lscpu"], check=True, capture_output=True, text=True).stdout
-  except (OSError, subprocess.CalledProcessError):
-    text = pathlib.Path("/proc/cpuinfo").read_text()  # the same keys, lower-cased
-  fields = {}
-  for line in text.splitlines():
-    if ":" in line:
-      key, value = line.split(":", 1)
-      fields.setdefault(key.strip().lower(), value.strip())
-  flags = set((fields.get("flags") or "").split())
-  return {"model_name": fields.get("model name"),
-          "family": fields.get("cpu family"),
-          "model": fields.get("model"),
-          "flags": {f: f in flags for f in FLAGS},
-          "cpus": os.cpu_count()}
-
-
-def describe_host(h: dict) -> str:
-  have = [f for f, on in h["flags"].items() if on]
-  return (f"host: {h['model_name']} (family {h['family']}, model {h['model']}), "
-          f"{h['cpus']} CPUs; {', '.join(have) if have else 'none of ' + ', '.join(FLAGS)}"
-          " (AVX2 / AVX-512 / bf16 flags)")
 
 
 def _torch(python: str, script: pathlib.Path, steps: int, extra: list[str]) -> float:
@@ -97,8 +70,8 @@ def main() -> None:
     raise SystemExit(f"{TORCH_TRAIN}: the shared PyTorch reference is missing")
   torch_extra, jax_extra = (_SMOKE_TORCH, _SMOKE_JAX) if a.smoke else ([], [])
   rounds, steps = (1, 1) if a.smoke else (a.rounds, a.steps)
-  host = host_cpu()
-  print(describe_host(host), flush=True)
+  host = hostinfo.cpu()
+  print(f"host: {hostinfo.describe(host)}", flush=True)
   rows = []
   for r in range(rounds):
     row = {"torch_train": _torch(a.torch_python, TORCH_TRAIN, steps, torch_extra)}
@@ -135,7 +108,7 @@ def main() -> None:
                 if "train_ratio_vs_compile" in summary else "")
   print(f"median: train {summary['train_ratio']:.2f}x PyTorch eager{vs_compile}, "
         f"forward {summary['forward_ratio']:.2f}x eager")
-  print(describe_host(host))
+  print(f"host: {hostinfo.describe(host)}")
   if a.smoke:
     print("smoke run: tiny sizes and 1 step; these figures are not measurements")
   if a.json:

@@ -17,21 +17,10 @@ import io
 import os
 import pathlib
 import statistics
-import subprocess
 import tempfile
 import time
 
 import numpy as np
-
-
-def _lscpu() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-  except (OSError, subprocess.CalledProcessError):
-    return "lscpu unavailable"
-  keep = ("Model name", "CPU family", "Model:", "CPU(s):")
-  return "; ".join(" ".join(line.split()) for line in out.splitlines()
-                   if line.strip().startswith(keep))
 
 
 def _frame_png() -> bytes:
@@ -172,7 +161,8 @@ def main() -> None:
     from nerveseg_jax import trainer  # pylint: disable=g-import-not-at-top
     from nerveseg_jax.configs import unet  # pylint: disable=g-import-not-at-top
     trainer.save_untrained(unet.get_config(), workdir)
-    print(f"cpu: {_lscpu()}; os.cpu_count() {os.cpu_count()}; load average "
+    from nerveseg_jax import hostinfo  # pylint: disable=g-import-not-at-top
+    print(f"host: {hostinfo.describe(hostinfo.cpu())}; load average "
           f"{os.getloadavg()[0]:.1f}")
     if args.stages:
       stages(workdir, data, args.requests, args.batch_size)
