@@ -348,7 +348,9 @@ def render_study(cvs: dict[str, dict[str, Any]], overrides: dict[str, dict[str, 
 
 def _fold_config(cv_dir: pathlib.Path, cv: dict[str, Any]) -> dict[str, Any]:
   """CV_DIR's training config (its first scored fold's), as dotted keys without the fold."""
-  first = next(f for f in cv["per_fold"] if f.get("status") == "ok")
+  first = next((f for f in cv["per_fold"] if f.get("status") == "ok"), None)
+  if first is None:
+    raise CrossValError(f"{cv_dir}: no fold finished; run the sweep --folds command again")
   config = workdir_lib.flat_config(
       json.loads((cv_dir / first["workdir"] / workdir_lib.CONFIG_FILE).read_text()))
   config.pop("data.fold", None)
