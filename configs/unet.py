@@ -25,19 +25,21 @@ Real data: the subject-wise result on real frames, and the sweep on real frames 
 checked these defaults (configs/sweeps/real_subset.py: the Dice term is needed, 8
 features are too few, the rest within seed noise), are in the README (Results).
 
-What the defaults rest on. Measured (docs/study.md: nerve_real_subset, folds 0 and 1 of
-the 5-fold subject-wise split, nerve-frame Dice at the frames' own size, each setting
-against the `cpu` recipe at a 400-step screening schedule on a 2-core CPU): calibration
-is worth +0.05 (it is part of evaluate); doubling the schedule is the one training
-lever that cleared its noise (+0.029, calibrated); 128x128 was worse than 96x96 at
+What the defaults rest on. Measured (docs/study.md: nerve_real_subset, nerve-frame Dice
+at the frames' own size, calibrated out of fold, on a 2-core CPU). Screening (folds 0
+and 1 of the 5-fold subject-wise split, each setting against the `cpu` recipe at 400
+steps): calibration is worth +0.05 (it is part of evaluate); doubling the schedule was
+the one training lever that cleared its noise (+0.029); 128x128 was worse than 96x96 at
 the same 400 steps (-0.037: slower to leave the empty mask); residual blocks and deep
 supervision gained +0.010 each, inside the seed-to-seed noise (0.012), so they stay
-off. The previous sweep found 8 features too few against 16. Extrapolated, not
-measured: the default trains far longer than any CPU run (6000 steps of batch 32, 12x
-the `cpu` recipe's images), which is the study's direction; at that length the larger
-input (128x176, the frame's own aspect) and 32 features are expected to pay for
-themselves, which the 400-step screen cannot show. Confirm them with `sweep --folds 5`
-on the full Kaggle set before trusting a difference.
+off. At full length on all 5 folds, 1800 steps beat 1000 by +0.012 ± 0.011 (paired):
+the `cpu` recipe reaches 0.751 ± 0.025 in 18 minutes a fold. The previous sweep found
+8 features too few against 16. Extrapolated, not measured: the default trains far
+longer than any CPU run (6000 steps of batch 32, 6.7x the `cpu` recipe's images),
+which is the study's direction; at that length the larger input (128x176, the frame's
+own aspect) and 32 features are expected to pay for themselves, which the 400-step
+screen cannot show. Confirm them with `sweep --folds 5` on the full Kaggle set before
+trusting a difference.
 """
 
 import ml_collections
