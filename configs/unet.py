@@ -28,18 +28,20 @@ features are too few, the rest within seed noise), are in the README (Results).
 What the defaults rest on. Measured (docs/study.md: nerve_real_subset, nerve-frame Dice
 at the frames' own size, calibrated out of fold, on a 2-core CPU). Screening (folds 0
 and 1 of the 5-fold subject-wise split, each setting against the `cpu` recipe at 400
-steps): calibration is worth +0.05 (it is part of evaluate); doubling the schedule was
-the one training lever that cleared its noise (+0.029); 128x128 was worse than 96x96 at
-the same 400 steps (-0.037: slower to leave the empty mask); residual blocks and deep
-supervision gained +0.010 each, inside the seed-to-seed noise (0.012), so they stay
-off. At full length on all 5 folds, 1800 steps beat 1000 by +0.012 ± 0.011 (paired):
-the `cpu` recipe reaches 0.751 ± 0.025 in 18 minutes a fold. The previous sweep found
-8 features too few against 16. Extrapolated, not measured: the default trains far
-longer than any CPU run (6000 steps of batch 32, 6.7x the `cpu` recipe's images),
-which is the study's direction; at that length the larger input (128x176, the frame's
-own aspect) and 32 features are expected to pay for themselves, which the 400-step
-screen cannot show. Confirm them with `sweep --folds 5` on the full Kaggle set before
-trusting a difference.
+steps): calibration is worth +0.05 (it is part of evaluate); doubling the schedule
+cleared its noise (+0.029); 32 features gained +0.016 at equal steps but cost 2.8x per
+step, so the `cpu` recipe keeps 16 and spends its time on steps while this default
+keeps 32; 128x128 was worse than 96x96 at the same 400 steps (-0.037: slower to leave
+the empty mask); residual blocks, deep supervision, focal + Dice and augmentation off
+stayed inside the seed-to-seed noise (0.012), and stronger augmentation was worse at
+400 steps (-0.117, still fitting). At full length on all 5 folds, 1800 steps beat 1000
+by +0.012 ± 0.011 (paired): the `cpu` recipe reaches 0.751 ± 0.025 in 18 minutes a
+fold. The previous sweep found 8 features too few against 16. Extrapolated, not
+measured: the default trains far longer than any CPU run (6000 steps of batch 32, 6.7x
+the `cpu` recipe's images), which is the study's direction; at that length the larger
+input (128x176, the frame's own aspect) is expected to pay for itself, which the
+400-step screen cannot show. Confirm it with `sweep --folds 5` on the full Kaggle set
+before trusting a difference.
 """
 
 import ml_collections
