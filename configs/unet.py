@@ -29,7 +29,7 @@ What the defaults rest on. Measured (docs/study.md: nerve_real_subset, nerve-fra
 at the frames' own size, calibrated out of fold, on a 2-core CPU). Screening (folds 0
 and 1 of the 5-fold subject-wise split, each setting against the `cpu` recipe at 400
 steps): calibration is worth +0.05 (it is part of evaluate); doubling the schedule
-cleared its noise (+0.029); 32 features gained +0.016 at equal steps but cost 2.8x per
+cleared its noise (+0.029); 32 features gained +0.016 at equal steps but cost about 3x per
 step, so the `cpu` recipe keeps 16 and spends its time on steps while this default
 keeps 32; 128x128 was worse than 96x96 at the same 400 steps (-0.037: slower to leave
 the empty mask); residual blocks, deep supervision, focal + Dice and augmentation off
